@@ -1,0 +1,79 @@
+//! Filesystem backends.
+//!
+//! A backend knows filesystem objects only: it is told an object's
+//! [`SnapshotId`] and kind, never a client's key or labels. Each object lives
+//! in one of three areas by kind (active, view, committed) under a name
+//! derived from its id, so the backend can list what exists after a crash
+//! and the core can reconcile it with the metadata (see docs/design.md).
+//!
+//! The shape fits btrfs (subvolumes, read-only flag) and ZFS (datasets,
+//! clones of `@` snapshots, `readonly=on`) alike.
+
+pub mod btrfs;
+
+use crate::error::Result;
+use crate::meta::ObjectRef;
+use crate::model::{Kind, Mount, SnapshotId, Usage};
+
+/// An object a backend found on disk while scanning its areas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FoundObject {
+    /// The snapshot id its name encodes.
+    pub id: SnapshotId,
+    /// The area it was found in.
+    pub area: Kind,
+    /// Whether it is frozen (read-only).
+    pub readonly: bool,
+    /// The backend's own id of the object.
+    pub native: u64,
+}
+
+/// What a backend cleanup pass reclaimed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BackendCleanup {
+    /// Stale accounting entries (e.g. btrfs qgroups of deleted subvolumes)
+    /// removed.
+    pub stale_accounting_removed: u64,
+}
+
+/// Filesystem operations the snapshotter core needs.
+///
+/// Every method is a blocking system call or a few of them; the core calls
+/// them without holding any lock or transaction that other snapshots need.
+pub trait Backend: Send + Sync {
+    /// A one-line description for logs (filesystem, quota mode, ...).
+    fn describe(&self) -> String;
+
+    /// Creates the object of a new active snapshot (writable) or view
+    /// (read-only): a copy-on-write clone of `parent`, or an empty one whose
+    /// root directory has mode 0755.
+    fn create(&self, id: SnapshotId, kind: Kind, parent: Option<&ObjectRef>) -> Result<ObjectRef>;
+
+    /// Freezes an active object into a committed one: makes its data
+    /// durable, makes it read-only and moves it to the committed area.
+    /// Returns its usage measured after the data reached the disk.
+    fn commit(&self, obj: &ObjectRef) -> Result<Usage>;
+
+    /// Puts an object found in `found.area` (possibly half-way through a
+    /// commit) into the state of `kind`: its area and its read-only flag.
+    /// Used to undo a commit whose metadata step failed, and by repair.
+    fn reconcile(&self, found: &FoundObject, kind: Kind) -> Result<()>;
+
+    /// Destroys the object of a snapshot, including anything nested in it
+    /// (subvolumes a container created). An object that is already gone is
+    /// not an error.
+    fn destroy(&self, id: SnapshotId, native: u64) -> Result<()>;
+
+    /// Current usage of an active object or view (the figure for a
+    /// committed snapshot is stored at commit).
+    fn usage(&self, obj: &ObjectRef, kind: Kind) -> Result<Usage>;
+
+    /// The mounts that give a client the object's filesystem.
+    fn mounts(&self, obj: &ObjectRef, kind: Kind) -> Result<Vec<Mount>>;
+
+    /// Every object in the backend's areas.
+    fn scan(&self) -> Result<Vec<FoundObject>>;
+
+    /// Reclaims backend-level garbage that no object owns any more.
+    fn cleanup(&self, live: &[FoundObject]) -> Result<BackendCleanup>;
+}

@@ -1,0 +1,679 @@
+//! Snapshot metadata in a redb database.
+//!
+//! The schema (also in docs/design.md):
+//!
+//! | table       | key                         | value                                  |
+//! |-------------|-----------------------------|----------------------------------------|
+//! | `snapshots` | key or name (`&str`)        | [`Record`] as JSON bytes               |
+//! | `ids`       | snapshot id (`u64`)         | key or name (`&str`)                   |
+//! | `children`  | (parent id, child id)       | `()`                                   |
+//! | `meta`      | `"schema_version"`, `"next_id"` | `u64`                              |
+//!
+//! Every mutation is exactly one write transaction with immediate durability,
+//! and re-checks inside that transaction everything it depends on (the key is
+//! free, the parent exists and is committed, no children), because the core
+//! checks first outside any transaction and then does slow filesystem work
+//! without holding one. Records are JSON so that fields can be added with
+//! defaults without a migration.
+
+use std::path::{Path, PathBuf};
+
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::model::{Info, Kind, Labels, SnapshotId, Timestamp, Usage, truncate_for_message};
+
+const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
+const IDS: TableDefinition<u64, &str> = TableDefinition::new("ids");
+const CHILDREN: TableDefinition<(u64, u64), ()> = TableDefinition::new("children");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+const SCHEMA_VERSION: u64 = 1;
+const KEY_SCHEMA_VERSION: &str = "schema_version";
+const KEY_NEXT_ID: &str = "next_id";
+
+/// The backend's handle on a snapshot's filesystem object, stored with the
+/// record. Only the backend interprets `native` and `inode_base`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectRef {
+    /// The snapshot id, which names the object on disk.
+    pub id: SnapshotId,
+    /// The backend's own id of the object (btrfs: subvolume id).
+    pub native: u64,
+    /// Inode number high-water mark inherited from the parent, so inode
+    /// usage can be reported "excluding the parent" (btrfs).
+    #[serde(default)]
+    pub inode_base: u64,
+}
+
+/// One snapshot's metadata.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    /// cowsnap's id of the snapshot.
+    pub id: SnapshotId,
+    /// Active, view or committed.
+    pub kind: Kind,
+    /// The parent's name, if any.
+    #[serde(default)]
+    pub parent: Option<String>,
+    /// The parent's id, if any.
+    #[serde(default)]
+    pub parent_id: Option<SnapshotId>,
+    /// Labels.
+    #[serde(default)]
+    pub labels: Labels,
+    /// Creation (or commit) time.
+    pub created: Timestamp,
+    /// Last update time.
+    pub updated: Timestamp,
+    /// The filesystem object.
+    pub object: ObjectRef,
+    /// Usage measured when the snapshot was committed.
+    #[serde(default)]
+    pub usage: Option<Usage>,
+}
+
+impl Record {
+    /// The containerd view of this record under `name`.
+    pub fn info(&self, name: &str) -> Info {
+        Info {
+            name: name.to_owned(),
+            parent: self.parent.clone().unwrap_or_default(),
+            kind: self.kind,
+            labels: self.labels.clone(),
+            created: self.created,
+            updated: self.updated,
+        }
+    }
+
+    fn encode(&self) -> Result<Vec<u8>> {
+        serde_json::to_vec(self)
+            .map_err(|e| Error::Internal(format!("encoding record {}: {e}", self.id)))
+    }
+
+    fn decode(key: &str, bytes: &[u8]) -> Result<Self> {
+        serde_json::from_slice(bytes).map_err(|e| {
+            Error::Internal(format!(
+                "metadata record of {} is damaged: {e}",
+                truncate_for_message(key)
+            ))
+        })
+    }
+}
+
+/// The metadata database.
+pub struct MetaStore {
+    db: Database,
+    path: PathBuf,
+}
+
+impl MetaStore {
+    /// Opens (creating if needed) the database at `path` and checks its
+    /// schema version.
+    pub fn open(path: &Path) -> Result<Self> {
+        let db = Database::create(path)
+            .map_err(|e| Error::meta(format!("opening {}", path.display()), e))?;
+        let store = MetaStore {
+            db,
+            path: path.to_owned(),
+        };
+        store.init_schema()?;
+        Ok(store)
+    }
+
+    /// Where the database lives.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn init_schema(&self) -> Result<()> {
+        let txn = self.db.begin_write().map_err(|e| Error::meta("begin", e))?;
+        {
+            let mut meta = txn
+                .open_table(META)
+                .map_err(|e| Error::meta("open meta", e))?;
+            let found = meta
+                .get(KEY_SCHEMA_VERSION)
+                .map_err(|e| Error::meta("read schema version", e))?
+                .map(|v| v.value());
+            match found {
+                None => {
+                    meta.insert(KEY_SCHEMA_VERSION, SCHEMA_VERSION)
+                        .map_err(|e| Error::meta("write schema version", e))?;
+                }
+                Some(v) if v == SCHEMA_VERSION => {}
+                Some(v) => {
+                    return Err(Error::Unavailable(format!(
+                        "metadata {} has schema version {v}; this cowsnap reads version {SCHEMA_VERSION}",
+                        self.path.display()
+                    )));
+                }
+            }
+            txn.open_table(SNAPSHOTS)
+                .map_err(|e| Error::meta("open snapshots", e))?;
+            txn.open_table(IDS)
+                .map_err(|e| Error::meta("open ids", e))?;
+            txn.open_table(CHILDREN)
+                .map_err(|e| Error::meta("open children", e))?;
+        }
+        txn.commit().map_err(|e| Error::meta("commit schema", e))
+    }
+
+    /// The record stored under `key`.
+    pub fn get(&self, key: &str) -> Result<Option<Record>> {
+        let txn = self
+            .db
+            .begin_read()
+            .map_err(|e| Error::meta("begin read", e))?;
+        let t = txn
+            .open_table(SNAPSHOTS)
+            .map_err(|e| Error::meta("open snapshots", e))?;
+        match t.get(key).map_err(|e| Error::meta("read snapshot", e))? {
+            Some(v) => Ok(Some(Record::decode(key, v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The key currently naming snapshot `id`.
+    pub fn key_of(&self, id: SnapshotId) -> Result<Option<String>> {
+        let txn = self
+            .db
+            .begin_read()
+            .map_err(|e| Error::meta("begin read", e))?;
+        let t = txn
+            .open_table(IDS)
+            .map_err(|e| Error::meta("open ids", e))?;
+        Ok(t.get(id.0)
+            .map_err(|e| Error::meta("read id", e))?
+            .map(|v| v.value().to_owned()))
+    }
+
+    /// The smallest id never handed out, as recorded.
+    pub fn next_id(&self) -> Result<u64> {
+        let txn = self
+            .db
+            .begin_read()
+            .map_err(|e| Error::meta("begin read", e))?;
+        let t = txn
+            .open_table(META)
+            .map_err(|e| Error::meta("open meta", e))?;
+        Ok(t.get(KEY_NEXT_ID)
+            .map_err(|e| Error::meta("read next id", e))?
+            .map(|v| v.value())
+            .unwrap_or(1))
+    }
+
+    /// Every record, in key order. Reads one consistent snapshot of the
+    /// database and holds no transaction once it returns.
+    pub fn all(&self) -> Result<Vec<(String, Record)>> {
+        let txn = self
+            .db
+            .begin_read()
+            .map_err(|e| Error::meta("begin read", e))?;
+        let t = txn
+            .open_table(SNAPSHOTS)
+            .map_err(|e| Error::meta("open snapshots", e))?;
+        let mut out = Vec::with_capacity(t.len().unwrap_or(0) as usize);
+        for entry in t.iter().map_err(|e| Error::meta("iterate snapshots", e))? {
+            let (k, v) = entry.map_err(|e| Error::meta("iterate snapshots", e))?;
+            out.push((k.value().to_owned(), Record::decode(k.value(), v.value())?));
+        }
+        Ok(out)
+    }
+
+    /// Every id that has a record.
+    pub fn all_ids(&self) -> Result<Vec<SnapshotId>> {
+        let txn = self
+            .db
+            .begin_read()
+            .map_err(|e| Error::meta("begin read", e))?;
+        let t = txn
+            .open_table(IDS)
+            .map_err(|e| Error::meta("open ids", e))?;
+        let mut out = Vec::new();
+        for entry in t.iter().map_err(|e| Error::meta("iterate ids", e))? {
+            let (k, _) = entry.map_err(|e| Error::meta("iterate ids", e))?;
+            out.push(SnapshotId(k.value()));
+        }
+        Ok(out)
+    }
+
+    /// Whether snapshot `id` has children.
+    pub fn has_children(&self, id: SnapshotId) -> Result<bool> {
+        let txn = self
+            .db
+            .begin_read()
+            .map_err(|e| Error::meta("begin read", e))?;
+        let t = txn
+            .open_table(CHILDREN)
+            .map_err(|e| Error::meta("open children", e))?;
+        let mut r = t
+            .range((id.0, 0)..=(id.0, u64::MAX))
+            .map_err(|e| Error::meta("read children", e))?;
+        Ok(r.next().is_some())
+    }
+
+    /// Records a new active snapshot or view under `key`. Fails with
+    /// AlreadyExists when the key is taken and NotFound/FailedPrecondition
+    /// when the parent vanished or is not committed.
+    pub fn insert(&self, key: &str, record: &Record) -> Result<()> {
+        let txn = self
+            .db
+            .begin_write()
+            .map_err(|e| Error::meta("begin write", e))?;
+        {
+            let mut snaps = txn
+                .open_table(SNAPSHOTS)
+                .map_err(|e| Error::meta("open snapshots", e))?;
+            if snaps
+                .get(key)
+                .map_err(|e| Error::meta("read snapshot", e))?
+                .is_some()
+            {
+                return Err(Error::AlreadyExists(format!(
+                    "snapshot {}",
+                    truncate_for_message(key)
+                )));
+            }
+            if let Some(parent) = &record.parent {
+                let p = snaps
+                    .get(parent.as_str())
+                    .map_err(|e| Error::meta("read parent", e))?
+                    .map(|v| Record::decode(parent, v.value()))
+                    .transpose()?;
+                match p {
+                    None => {
+                        return Err(Error::NotFound(format!(
+                            "parent snapshot {}",
+                            truncate_for_message(parent)
+                        )));
+                    }
+                    Some(p) if Some(p.id) != record.parent_id || p.kind != Kind::Committed => {
+                        return Err(Error::FailedPrecondition(format!(
+                            "parent snapshot {} changed while the snapshot was created",
+                            truncate_for_message(parent)
+                        )));
+                    }
+                    Some(_) => {}
+                }
+            }
+            snaps
+                .insert(key, record.encode()?.as_slice())
+                .map_err(|e| Error::meta("insert snapshot", e))?;
+            let mut ids = txn
+                .open_table(IDS)
+                .map_err(|e| Error::meta("open ids", e))?;
+            ids.insert(record.id.0, key)
+                .map_err(|e| Error::meta("insert id", e))?;
+            if let Some(pid) = record.parent_id {
+                let mut children = txn
+                    .open_table(CHILDREN)
+                    .map_err(|e| Error::meta("open children", e))?;
+                children
+                    .insert((pid.0, record.id.0), ())
+                    .map_err(|e| Error::meta("insert child", e))?;
+            }
+            let mut meta = txn
+                .open_table(META)
+                .map_err(|e| Error::meta("open meta", e))?;
+            let next = meta
+                .get(KEY_NEXT_ID)
+                .map_err(|e| Error::meta("read next id", e))?
+                .map(|v| v.value())
+                .unwrap_or(1);
+            if record.id.0 >= next {
+                meta.insert(KEY_NEXT_ID, record.id.0 + 1)
+                    .map_err(|e| Error::meta("write next id", e))?;
+            }
+        }
+        txn.commit().map_err(|e| Error::meta("commit insert", e))
+    }
+
+    /// Moves the active snapshot `key` (which must still be snapshot
+    /// `expect_id`) to the committed snapshot `name`, with `update` applied
+    /// to its record.
+    pub fn commit(
+        &self,
+        key: &str,
+        name: &str,
+        expect_id: SnapshotId,
+        update: impl FnOnce(&mut Record),
+    ) -> Result<Record> {
+        let txn = self
+            .db
+            .begin_write()
+            .map_err(|e| Error::meta("begin write", e))?;
+        let record = {
+            let mut snaps = txn
+                .open_table(SNAPSHOTS)
+                .map_err(|e| Error::meta("open snapshots", e))?;
+            let mut record = match snaps
+                .get(key)
+                .map_err(|e| Error::meta("read snapshot", e))?
+            {
+                Some(v) => Record::decode(key, v.value())?,
+                None => {
+                    return Err(Error::NotFound(format!(
+                        "snapshot {}",
+                        truncate_for_message(key)
+                    )));
+                }
+            };
+            if record.id != expect_id || record.kind != Kind::Active {
+                return Err(Error::FailedPrecondition(format!(
+                    "snapshot {} changed while it was committed",
+                    truncate_for_message(key)
+                )));
+            }
+            if snaps
+                .get(name)
+                .map_err(|e| Error::meta("read snapshot", e))?
+                .is_some()
+            {
+                return Err(Error::AlreadyExists(format!(
+                    "snapshot {}",
+                    truncate_for_message(name)
+                )));
+            }
+            update(&mut record);
+            snaps
+                .remove(key)
+                .map_err(|e| Error::meta("remove active", e))?;
+            snaps
+                .insert(name, record.encode()?.as_slice())
+                .map_err(|e| Error::meta("insert committed", e))?;
+            let mut ids = txn
+                .open_table(IDS)
+                .map_err(|e| Error::meta("open ids", e))?;
+            ids.insert(record.id.0, name)
+                .map_err(|e| Error::meta("update id", e))?;
+            record
+        };
+        txn.commit().map_err(|e| Error::meta("commit commit", e))?;
+        Ok(record)
+    }
+
+    /// Drops the record of `key` (which must still be snapshot `expect_id`).
+    /// Fails with FailedPrecondition when it has children.
+    pub fn remove(&self, key: &str, expect_id: SnapshotId) -> Result<Record> {
+        let txn = self
+            .db
+            .begin_write()
+            .map_err(|e| Error::meta("begin write", e))?;
+        let record = {
+            let mut snaps = txn
+                .open_table(SNAPSHOTS)
+                .map_err(|e| Error::meta("open snapshots", e))?;
+            let record = match snaps
+                .get(key)
+                .map_err(|e| Error::meta("read snapshot", e))?
+            {
+                Some(v) => Record::decode(key, v.value())?,
+                None => {
+                    return Err(Error::NotFound(format!(
+                        "snapshot {}",
+                        truncate_for_message(key)
+                    )));
+                }
+            };
+            if record.id != expect_id {
+                return Err(Error::FailedPrecondition(format!(
+                    "snapshot {} changed while it was removed",
+                    truncate_for_message(key)
+                )));
+            }
+            let mut children = txn
+                .open_table(CHILDREN)
+                .map_err(|e| Error::meta("open children", e))?;
+            let has_children = children
+                .range((record.id.0, 0)..=(record.id.0, u64::MAX))
+                .map_err(|e| Error::meta("read children", e))?
+                .next()
+                .is_some();
+            if has_children {
+                return Err(remove_with_children(key));
+            }
+            snaps
+                .remove(key)
+                .map_err(|e| Error::meta("remove snapshot", e))?;
+            let mut ids = txn
+                .open_table(IDS)
+                .map_err(|e| Error::meta("open ids", e))?;
+            ids.remove(record.id.0)
+                .map_err(|e| Error::meta("remove id", e))?;
+            if let Some(pid) = record.parent_id {
+                children
+                    .remove((pid.0, record.id.0))
+                    .map_err(|e| Error::meta("remove child", e))?;
+            }
+            record
+        };
+        txn.commit().map_err(|e| Error::meta("commit remove", e))?;
+        Ok(record)
+    }
+
+    /// Applies `change` to the record of `key` in one transaction.
+    pub fn update(
+        &self,
+        key: &str,
+        change: impl FnOnce(&mut Record) -> Result<()>,
+    ) -> Result<Record> {
+        let txn = self
+            .db
+            .begin_write()
+            .map_err(|e| Error::meta("begin write", e))?;
+        let record = {
+            let mut snaps = txn
+                .open_table(SNAPSHOTS)
+                .map_err(|e| Error::meta("open snapshots", e))?;
+            let mut record = match snaps
+                .get(key)
+                .map_err(|e| Error::meta("read snapshot", e))?
+            {
+                Some(v) => Record::decode(key, v.value())?,
+                None => {
+                    return Err(Error::NotFound(format!(
+                        "snapshot {}",
+                        truncate_for_message(key)
+                    )));
+                }
+            };
+            change(&mut record)?;
+            snaps
+                .insert(key, record.encode()?.as_slice())
+                .map_err(|e| Error::meta("update snapshot", e))?;
+            record
+        };
+        txn.commit().map_err(|e| Error::meta("commit update", e))?;
+        Ok(record)
+    }
+
+    /// Drops records found to have lost their filesystem object, and raises
+    /// the id high-water mark, in one transaction (startup repair).
+    pub fn repair(&self, drop_keys: &[String], next_id_at_least: u64) -> Result<()> {
+        let txn = self
+            .db
+            .begin_write()
+            .map_err(|e| Error::meta("begin write", e))?;
+        {
+            let mut snaps = txn
+                .open_table(SNAPSHOTS)
+                .map_err(|e| Error::meta("open snapshots", e))?;
+            let mut ids = txn
+                .open_table(IDS)
+                .map_err(|e| Error::meta("open ids", e))?;
+            let mut children = txn
+                .open_table(CHILDREN)
+                .map_err(|e| Error::meta("open children", e))?;
+            for key in drop_keys {
+                let removed = snaps
+                    .remove(key.as_str())
+                    .map_err(|e| Error::meta("remove snapshot", e))?
+                    .map(|v| Record::decode(key, v.value()))
+                    .transpose()?;
+                if let Some(r) = removed {
+                    ids.remove(r.id.0)
+                        .map_err(|e| Error::meta("remove id", e))?;
+                    if let Some(pid) = r.parent_id {
+                        children
+                            .remove((pid.0, r.id.0))
+                            .map_err(|e| Error::meta("remove child", e))?;
+                    }
+                }
+            }
+            let mut meta = txn
+                .open_table(META)
+                .map_err(|e| Error::meta("open meta", e))?;
+            let next = meta
+                .get(KEY_NEXT_ID)
+                .map_err(|e| Error::meta("read next id", e))?
+                .map(|v| v.value())
+                .unwrap_or(1);
+            if next_id_at_least > next {
+                meta.insert(KEY_NEXT_ID, next_id_at_least)
+                    .map_err(|e| Error::meta("write next id", e))?;
+            }
+        }
+        txn.commit().map_err(|e| Error::meta("commit repair", e))
+    }
+}
+
+/// The error containerd expects when a snapshot with children is removed:
+/// FailedPrecondition, with "remove" in the message.
+pub fn remove_with_children(key: &str) -> Error {
+    Error::FailedPrecondition(format!(
+        "cannot remove snapshot {} with child snapshots",
+        truncate_for_message(key)
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Code;
+
+    fn store() -> (MetaStore, PathBuf) {
+        let dir = std::env::temp_dir().join(format!(
+            "cowsnap-meta-test-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        (MetaStore::open(&dir.join("metadata.redb")).unwrap(), dir)
+    }
+
+    fn rand_suffix() -> u64 {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(0);
+        N.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn rec(id: u64, kind: Kind, parent: Option<(&str, u64)>) -> Record {
+        let now = Timestamp::now();
+        Record {
+            id: SnapshotId(id),
+            kind,
+            parent: parent.map(|p| p.0.to_owned()),
+            parent_id: parent.map(|p| SnapshotId(p.1)),
+            labels: Labels::new(),
+            created: now,
+            updated: now,
+            object: ObjectRef {
+                id: SnapshotId(id),
+                native: 256 + id,
+                inode_base: 0,
+            },
+            usage: None,
+        }
+    }
+
+    #[test]
+    fn insert_twice_is_already_exists() {
+        let (m, dir) = store();
+        m.insert("a", &rec(1, Kind::Active, None)).unwrap();
+        let e = m.insert("a", &rec(2, Kind::Active, None)).unwrap_err();
+        assert_eq!(e.code(), Code::AlreadyExists);
+        assert_eq!(m.next_id().unwrap(), 2);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn insert_with_missing_parent_is_not_found() {
+        let (m, dir) = store();
+        let e = m
+            .insert("c", &rec(2, Kind::Active, Some(("p", 1))))
+            .unwrap_err();
+        assert_eq!(e.code(), Code::NotFound);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn commit_moves_record_and_keeps_id() {
+        let (m, dir) = store();
+        m.insert("k", &rec(1, Kind::Active, None)).unwrap();
+        let r = m
+            .commit("k", "n", SnapshotId(1), |r| r.kind = Kind::Committed)
+            .unwrap();
+        assert_eq!(r.id, SnapshotId(1));
+        assert!(m.get("k").unwrap().is_none());
+        assert_eq!(m.get("n").unwrap().unwrap().kind, Kind::Committed);
+        assert_eq!(m.key_of(SnapshotId(1)).unwrap().as_deref(), Some("n"));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn commit_onto_existing_name_is_already_exists_and_keeps_active() {
+        let (m, dir) = store();
+        m.insert("k", &rec(1, Kind::Active, None)).unwrap();
+        m.insert("n", &rec(2, Kind::Active, None)).unwrap();
+        let e = m
+            .commit("k", "n", SnapshotId(1), |r| r.kind = Kind::Committed)
+            .unwrap_err();
+        assert_eq!(e.code(), Code::AlreadyExists);
+        assert_eq!(m.get("k").unwrap().unwrap().kind, Kind::Active);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn remove_parent_with_children_fails_with_remove_in_message() {
+        let (m, dir) = store();
+        m.insert("p", &rec(1, Kind::Committed, None)).unwrap();
+        m.insert("c", &rec(2, Kind::Active, Some(("p", 1))))
+            .unwrap();
+        assert!(m.has_children(SnapshotId(1)).unwrap());
+        let e = m.remove("p", SnapshotId(1)).unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition);
+        assert!(e.to_string().contains("remove"));
+        m.remove("c", SnapshotId(2)).unwrap();
+        assert!(!m.has_children(SnapshotId(1)).unwrap());
+        m.remove("p", SnapshotId(1)).unwrap();
+        assert!(m.all().unwrap().is_empty());
+        assert!(m.all_ids().unwrap().is_empty());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn records_survive_reopen() {
+        let (m, dir) = store();
+        m.insert("a", &rec(7, Kind::Active, None)).unwrap();
+        drop(m);
+        let m = MetaStore::open(&dir.join("metadata.redb")).unwrap();
+        assert_eq!(m.get("a").unwrap().unwrap().id, SnapshotId(7));
+        assert_eq!(m.next_id().unwrap(), 8);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn repair_drops_records_and_raises_next_id() {
+        let (m, dir) = store();
+        m.insert("p", &rec(1, Kind::Committed, None)).unwrap();
+        m.insert("c", &rec(2, Kind::Active, Some(("p", 1))))
+            .unwrap();
+        m.repair(&["c".to_owned()], 100).unwrap();
+        assert!(m.get("c").unwrap().is_none());
+        assert!(!m.has_children(SnapshotId(1)).unwrap());
+        assert_eq!(m.next_id().unwrap(), 100);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

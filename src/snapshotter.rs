@@ -1,0 +1,514 @@
+//! The snapshotter core: containerd's snapshot lifecycle over a metadata
+//! store and a filesystem backend.
+//!
+//! # The model
+//!
+//! A snapshot is a filesystem tree with a key. There are three kinds:
+//!
+//! - **active** (`Prepare(key, parent)`): a writable copy-on-write clone of a
+//!   committed parent, or an empty tree. A client mounts it, writes (unpacks
+//!   a layer, runs a container) and then either commits or removes it.
+//! - **committed** (`Commit(name, key)`): an active snapshot frozen under a
+//!   new name; the key is gone afterwards. Only committed snapshots can be
+//!   parents, and a committed snapshot with children cannot be removed.
+//! - **view** (`View(key, parent)`): a read-only clone of a committed parent.
+//!
+//! Keys and names share one key space. Unpacking an image prepares
+//! `extract-<random> <chainID>` on the previous layer's chain id, applies
+//! the layer's tar through the mounts and commits it as `<chainID>`;
+//! running a container prepares its rootfs on the image's top layer.
+//!
+//! # Concurrency and crash safety
+//!
+//! Each mutation takes the per-key locks of the keys it touches (never the
+//! parent's: many containers share a parent), checks the metadata, does the
+//! filesystem step with no transaction open, then commits exactly one
+//! metadata write transaction that re-checks what it depends on. The order
+//! of filesystem and metadata steps per operation, and what startup repair
+//! does after a crash at each point, is in docs/design.md; the failpoint
+//! names used in tests are in [`crate::failpoint::POINTS`].
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tracing::{debug, error, info, warn};
+
+use crate::backend::{Backend, FoundObject};
+use crate::error::{Error, Result};
+use crate::failpoint;
+use crate::filter::{FilterSet, SnapshotFields};
+use crate::keylock::KeyLocks;
+use crate::meta::{MetaStore, Record, remove_with_children};
+use crate::model::{
+    Info, Kind, Labels, Mount, SnapshotId, Timestamp, Usage, truncate_for_message, validate_key,
+    validate_labels,
+};
+
+/// File name of the metadata database inside the root.
+pub const METADATA_FILE: &str = "metadata.redb";
+
+/// What startup repair (or Cleanup) found and did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RepairReport {
+    /// Filesystem objects without a record, destroyed.
+    pub orphans_destroyed: u64,
+    /// Orphans whose destruction failed (left for the next Cleanup).
+    pub orphans_failed: u64,
+    /// Active or view records whose object was missing, dropped.
+    pub records_dropped: Vec<String>,
+    /// Objects moved back to the state their record says (an interrupted
+    /// commit undone or finished).
+    pub objects_reconciled: u64,
+    /// Committed records whose object is missing: kept (children depend on
+    /// them) and reported; data was lost outside cowsnap.
+    pub committed_missing: Vec<String>,
+    /// Stale backend accounting entries removed.
+    pub stale_accounting_removed: u64,
+}
+
+impl RepairReport {
+    /// True when nothing needed doing.
+    pub fn is_clean(&self) -> bool {
+        *self == RepairReport::default()
+    }
+}
+
+/// The snapshotter: owns the metadata and the backend.
+pub struct Snapshotter {
+    meta: MetaStore,
+    backend: Box<dyn Backend>,
+    locks: KeyLocks,
+    /// Ids whose object is being created and has no record yet: Cleanup
+    /// must not mistake them for orphans.
+    creating: Mutex<HashSet<SnapshotId>>,
+    next_id: AtomicU64,
+}
+
+impl Snapshotter {
+    /// Opens the metadata in `root` with `backend`, and repairs what a crash
+    /// may have left (see docs/design.md). Nothing may be in flight: this
+    /// runs before the daemon serves.
+    pub fn open(root: &Path, backend: Box<dyn Backend>) -> Result<(Self, RepairReport)> {
+        let meta = MetaStore::open(&root.join(METADATA_FILE))?;
+        let next = meta.next_id()?;
+        let s = Snapshotter {
+            meta,
+            backend,
+            locks: KeyLocks::default(),
+            creating: Mutex::new(HashSet::new()),
+            next_id: AtomicU64::new(next),
+        };
+        let report = s.repair()?;
+        Ok((s, report))
+    }
+
+    /// The backend's description.
+    pub fn describe_backend(&self) -> String {
+        self.backend.describe()
+    }
+
+    /// Creates an active snapshot `key` on `parent` (empty: no parent) and
+    /// returns its mounts.
+    pub fn prepare(&self, key: &str, parent: &str, labels: Labels) -> Result<Vec<Mount>> {
+        self.create(Kind::Active, key, parent, labels)
+    }
+
+    /// Creates a read-only view `key` of `parent` and returns its mounts.
+    pub fn view(&self, key: &str, parent: &str, labels: Labels) -> Result<Vec<Mount>> {
+        self.create(Kind::View, key, parent, labels)
+    }
+
+    fn create(&self, kind: Kind, key: &str, parent: &str, labels: Labels) -> Result<Vec<Mount>> {
+        validate_key("key", key)?;
+        let labels = normalize_labels(labels);
+        validate_labels(&labels)?;
+        let _guard = self.locks.lock(&[key]);
+        if self.meta.get(key)?.is_some() {
+            return Err(Error::AlreadyExists(format!(
+                "snapshot {}",
+                truncate_for_message(key)
+            )));
+        }
+        let parent_record = if parent.is_empty() {
+            None
+        } else {
+            let p = self.meta.get(parent)?.ok_or_else(|| {
+                Error::NotFound(format!("parent snapshot {}", truncate_for_message(parent)))
+            })?;
+            if p.kind != Kind::Committed {
+                return Err(Error::InvalidArgument(format!(
+                    "parent {} is not a committed snapshot",
+                    truncate_for_message(parent)
+                )));
+            }
+            Some(p)
+        };
+
+        let id = self.allocate_id();
+        let object = match self
+            .backend
+            .create(id, kind, parent_record.as_ref().map(|p| &p.object))
+        {
+            Ok(o) => o,
+            Err(e) => {
+                self.creating_done(id);
+                return Err(e);
+            }
+        };
+        let now = Timestamp::now();
+        let record = Record {
+            id,
+            kind,
+            parent: parent_record.as_ref().map(|_| parent.to_owned()),
+            parent_id: parent_record.as_ref().map(|p| p.id),
+            labels,
+            created: now,
+            updated: now,
+            object,
+            usage: None,
+        };
+        let stored =
+            failpoint::hit("create.after_fs").and_then(|()| self.meta.insert(key, &record));
+        if let Err(e) = stored {
+            // The object has no record: destroy it now; if that fails too it
+            // is an orphan for Cleanup or the next startup.
+            if let Err(d) = self.backend.destroy(id, object.native) {
+                warn!(id = %id, error = %d, "could not destroy the object of a failed create; left for cleanup");
+            }
+            self.creating_done(id);
+            return Err(e);
+        }
+        self.creating_done(id);
+        failpoint::hit("create.after_meta")?;
+        debug!(key = %truncate_for_message(key), id = %id, %kind, "created");
+        self.backend.mounts(&object, kind)
+    }
+
+    /// Commits the active snapshot `key` as `name`, with `labels`.
+    ///
+    /// `rebase_parent` is containerd 2.2's `CommitSnapshotRequest.parent`:
+    /// committing onto a different parent is not supported (cowsnap does
+    /// not advertise the "rebase" capability); naming the snapshot's own
+    /// parent, or none, is accepted.
+    pub fn commit(&self, name: &str, key: &str, labels: Labels, rebase_parent: &str) -> Result<()> {
+        validate_key("name", name)?;
+        validate_key("key", key)?;
+        let labels = normalize_labels(labels);
+        validate_labels(&labels)?;
+        let _guard = self.locks.lock(&[key, name]);
+        if self.meta.get(name)?.is_some() {
+            return Err(Error::AlreadyExists(format!(
+                "snapshot {}",
+                truncate_for_message(name)
+            )));
+        }
+        let record = self.meta.get(key)?.ok_or_else(|| {
+            Error::NotFound(format!("active snapshot {}", truncate_for_message(key)))
+        })?;
+        if record.kind != Kind::Active {
+            return Err(Error::FailedPrecondition(format!(
+                "snapshot {} is a {} snapshot, not active: only active snapshots can be committed",
+                truncate_for_message(key),
+                record.kind
+            )));
+        }
+        if !rebase_parent.is_empty() && record.parent.as_deref() != Some(rebase_parent) {
+            return Err(Error::Unimplemented(format!(
+                "commit of {} onto a different parent {} (rebase) is not supported by cowsnap",
+                truncate_for_message(key),
+                truncate_for_message(rebase_parent)
+            )));
+        }
+
+        let usage = self.backend.commit(&record.object)?;
+        let now = Timestamp::now();
+        let stored = failpoint::hit("commit.after_fs").and_then(|()| {
+            self.meta.commit(key, name, record.id, |r| {
+                r.kind = Kind::Committed;
+                r.labels = labels;
+                r.created = now;
+                r.updated = now;
+                r.usage = Some(usage);
+            })
+        });
+        if let Err(e) = stored {
+            // Undo the filesystem step so the snapshot stays active.
+            let found = FoundObject {
+                id: record.id,
+                area: Kind::Committed,
+                readonly: true,
+                native: record.object.native,
+            };
+            if let Err(u) = self.backend.reconcile(&found, Kind::Active) {
+                error!(id = %record.id, error = %u, "could not undo a failed commit; startup repair will");
+            }
+            return Err(e);
+        }
+        failpoint::hit("commit.after_meta")?;
+        debug!(key = %truncate_for_message(key), name = %truncate_for_message(name), id = %record.id, "committed");
+        Ok(())
+    }
+
+    /// Removes snapshot `key`. Fails with FailedPrecondition when it has
+    /// children. Once the record is gone the call succeeds even if the
+    /// object cannot be destroyed now (Cleanup retries), so containerd's
+    /// garbage collector is never stuck on one snapshot.
+    pub fn remove(&self, key: &str) -> Result<()> {
+        validate_key("key", key)?;
+        let _guard = self.locks.lock(&[key]);
+        let record = self
+            .meta
+            .get(key)?
+            .ok_or_else(|| Error::NotFound(format!("snapshot {}", truncate_for_message(key))))?;
+        if self.meta.has_children(record.id)? {
+            return Err(remove_with_children(key));
+        }
+        self.meta.remove(key, record.id)?;
+        failpoint::hit("remove.after_meta")?;
+        if let Err(e) = self.backend.destroy(record.id, record.object.native) {
+            warn!(
+                key = %truncate_for_message(key),
+                id = %record.id,
+                error = %e,
+                "snapshot removed from metadata; its object could not be destroyed now and is left for Cleanup"
+            );
+        }
+        failpoint::hit("remove.after_fs")?;
+        debug!(key = %truncate_for_message(key), id = %record.id, "removed");
+        Ok(())
+    }
+
+    /// Information about `key`.
+    pub fn stat(&self, key: &str) -> Result<Info> {
+        validate_key("key", key)?;
+        let record = self
+            .meta
+            .get(key)?
+            .ok_or_else(|| Error::NotFound(format!("snapshot {}", truncate_for_message(key))))?;
+        Ok(record.info(key))
+    }
+
+    /// The mounts of the active snapshot or view `key`.
+    pub fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
+        validate_key("key", key)?;
+        let record = self
+            .meta
+            .get(key)?
+            .ok_or_else(|| Error::NotFound(format!("snapshot {}", truncate_for_message(key))))?;
+        if record.kind == Kind::Committed {
+            return Err(Error::FailedPrecondition(format!(
+                "snapshot {} is committed: only active snapshots and views have mounts",
+                truncate_for_message(key)
+            )));
+        }
+        self.backend.mounts(&record.object, record.kind)
+    }
+
+    /// Updates the mutable fields (labels) of `info.name`, as containerd
+    /// does: no field paths replace all labels; `labels` replaces all;
+    /// `labels.<k>` sets or deletes one label; any other path is
+    /// InvalidArgument.
+    pub fn update(&self, info: &Info, field_paths: &[String]) -> Result<Info> {
+        validate_key("key", &info.name)?;
+        for path in field_paths {
+            if path != "labels" && !path.starts_with("labels.") {
+                return Err(Error::InvalidArgument(format!(
+                    "cannot update {} field on snapshot {}: only labels are mutable",
+                    truncate_for_message(path),
+                    truncate_for_message(&info.name)
+                )));
+            }
+        }
+        let record = self.meta.update(&info.name, |r| {
+            let mut labels = r.labels.clone();
+            if field_paths.is_empty() {
+                labels = info.labels.clone();
+            }
+            for path in field_paths {
+                if path == "labels" {
+                    labels = info.labels.clone();
+                } else if let Some(k) = path.strip_prefix("labels.") {
+                    match info.labels.get(k) {
+                        Some(v) => {
+                            labels.insert(k.to_owned(), v.clone());
+                        }
+                        None => {
+                            labels.remove(k);
+                        }
+                    }
+                }
+            }
+            let labels = normalize_labels(labels);
+            validate_labels(&labels)?;
+            r.labels = labels;
+            r.updated = Timestamp::now();
+            Ok(())
+        })?;
+        Ok(record.info(&info.name))
+    }
+
+    /// Every snapshot matching `filters` (containerd filter syntax; several
+    /// filters are OR-ed), in key order. Reads one consistent view of the
+    /// metadata and returns with no transaction or lock held, so callers
+    /// may stream the result and call back into the snapshotter.
+    pub fn list(&self, filters: &[String]) -> Result<Vec<Info>> {
+        let filter =
+            FilterSet::parse(filters).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let mut out = Vec::new();
+        for (key, record) in self.meta.all()? {
+            let parent = record.parent.as_deref().unwrap_or("");
+            let fields = SnapshotFields {
+                name: &key,
+                parent,
+                kind: record.kind.as_str(),
+                labels: &record.labels,
+            };
+            if filter.is_always() || filter.matches(&fields) {
+                out.push(record.info(&key));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Disk usage of `key`: measured now for active snapshots and views,
+    /// stored at commit for committed ones (see docs/design.md).
+    pub fn usage(&self, key: &str) -> Result<Usage> {
+        validate_key("key", key)?;
+        let record = self
+            .meta
+            .get(key)?
+            .ok_or_else(|| Error::NotFound(format!("snapshot {}", truncate_for_message(key))))?;
+        match record.kind {
+            Kind::Committed => Ok(record.usage.unwrap_or_default()),
+            kind => self.backend.usage(&record.object, kind),
+        }
+    }
+
+    /// Destroys filesystem objects that no record owns (left by a crash, or
+    /// by a Remove whose destroy failed) and the backend's stale accounting.
+    /// Safe while other operations run.
+    pub fn cleanup(&self) -> Result<RepairReport> {
+        // Order matters: list the filesystem first, then take the set of
+        // objects being created, then read the records. An object that
+        // exists in the listing either was still being created when the set
+        // was taken (skipped) or has its record committed before the read.
+        let found = self.backend.scan()?;
+        let creating = self.creating_snapshot();
+        let recorded: HashSet<SnapshotId> = self.meta.all_ids()?.into_iter().collect();
+        let mut report = RepairReport::default();
+        let mut live = Vec::with_capacity(found.len());
+        for f in found {
+            if recorded.contains(&f.id) || creating.contains(&f.id) {
+                live.push(f);
+                continue;
+            }
+            match self.backend.destroy(f.id, f.native) {
+                Ok(()) => {
+                    info!(id = %f.id, area = %f.area, "cleanup: destroyed orphan object");
+                    report.orphans_destroyed += 1;
+                }
+                Err(e) => {
+                    warn!(id = %f.id, area = %f.area, error = %e, "cleanup: could not destroy orphan object");
+                    report.orphans_failed += 1;
+                    live.push(f);
+                }
+            }
+        }
+        report.stale_accounting_removed = self.backend.cleanup(&live)?.stale_accounting_removed;
+        Ok(report)
+    }
+
+    /// Startup repair: reconciles metadata and filesystem after a crash.
+    fn repair(&self) -> Result<RepairReport> {
+        let found = self.backend.scan()?;
+        let records = self.meta.all()?;
+        let mut report = RepairReport::default();
+        let max_found = found.iter().map(|f| f.id.0).max().unwrap_or(0);
+        let mut by_id: HashMap<SnapshotId, FoundObject> = HashMap::with_capacity(found.len());
+        for f in found {
+            if let Some(dup) = by_id.insert(f.id, f) {
+                return Err(Error::Unavailable(format!(
+                    "damaged state: snapshot id {} has objects in both the {} and {} areas; resolve by hand",
+                    f.id, dup.area, f.area
+                )));
+            }
+        }
+        let mut drop_keys = Vec::new();
+        for (key, record) in &records {
+            match by_id.remove(&record.id) {
+                Some(f) => {
+                    let want_readonly = record.kind != Kind::Active;
+                    if f.area != record.kind || f.readonly != want_readonly {
+                        info!(
+                            key = %truncate_for_message(key), id = %record.id,
+                            found_area = %f.area, found_readonly = f.readonly, kind = %record.kind,
+                            "repair: moving object to the state its record says (interrupted commit)"
+                        );
+                        self.backend.reconcile(&f, record.kind)?;
+                        report.objects_reconciled += 1;
+                    }
+                }
+                None if record.kind == Kind::Committed => {
+                    error!(
+                        key = %truncate_for_message(key), id = %record.id,
+                        "repair: committed snapshot has lost its filesystem object (deleted outside cowsnap?); \
+                         keeping the record, remove the snapshot to drop it"
+                    );
+                    report.committed_missing.push(key.clone());
+                }
+                None => {
+                    warn!(
+                        key = %truncate_for_message(key), id = %record.id, kind = %record.kind,
+                        "repair: dropping record whose object is missing"
+                    );
+                    drop_keys.push(key.clone());
+                }
+            }
+        }
+        for f in by_id.into_values() {
+            match self.backend.destroy(f.id, f.native) {
+                Ok(()) => {
+                    info!(id = %f.id, area = %f.area, "repair: destroyed orphan object");
+                    report.orphans_destroyed += 1;
+                }
+                Err(e) => {
+                    warn!(id = %f.id, area = %f.area, error = %e, "repair: could not destroy orphan object");
+                    report.orphans_failed += 1;
+                }
+            }
+        }
+        let next = self.next_id.load(Ordering::SeqCst).max(max_found + 1);
+        self.meta.repair(&drop_keys, next)?;
+        self.next_id.store(next, Ordering::SeqCst);
+        report.records_dropped = drop_keys;
+        Ok(report)
+    }
+
+    fn allocate_id(&self) -> SnapshotId {
+        let id = SnapshotId(self.next_id.fetch_add(1, Ordering::SeqCst));
+        self.creating_set().insert(id);
+        id
+    }
+
+    fn creating_done(&self, id: SnapshotId) {
+        self.creating_set().remove(&id);
+    }
+
+    fn creating_snapshot(&self) -> HashSet<SnapshotId> {
+        self.creating_set().clone()
+    }
+
+    fn creating_set(&self) -> std::sync::MutexGuard<'_, HashSet<SnapshotId>> {
+        // Updates are single inserts/removes: a poisoned set is consistent.
+        self.creating.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// containerd never stores a label with an empty value: setting one to ""
+/// deletes it.
+fn normalize_labels(mut labels: Labels) -> Labels {
+    labels.retain(|_, v| !v.is_empty());
+    labels
+}

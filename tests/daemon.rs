@@ -1,0 +1,436 @@
+//! Behaviour of the daemon over its real socket, on a real btrfs.
+//! Run as root (the fixtures make loop devices).
+
+mod common;
+
+use common::*;
+use cowsnap::proto::containerd::services::snapshots::v1 as pb;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use tonic::Code;
+
+#[tokio::test]
+async fn prepare_commit_view_lifecycle() {
+    let mut d = Daemon::start().await;
+    let mut c = d.client().await;
+
+    let m = prepare(&mut c, "layer-1", "").await.unwrap();
+    assert_eq!(m[0].options, vec!["rbind", "rw"]);
+    let dir = mount_dir(&m);
+    assert_eq!(
+        std::fs::metadata(&dir).unwrap().permissions().mode() & 0o7777,
+        0o755
+    );
+    write_pattern(&dir.join("a"), 100_000, 1);
+    commit(&mut c, "base", "layer-1").await.unwrap();
+    assert_eq!(
+        stat(&mut c, "layer-1").await.unwrap_err().code(),
+        Code::NotFound
+    );
+    let info = stat(&mut c, "base").await.unwrap();
+    assert_eq!(info.kind, pb::Kind::Committed as i32);
+    assert_eq!(info.created_at, info.updated_at);
+
+    let m = prepare(&mut c, "container", "base").await.unwrap();
+    let dir = mount_dir(&m);
+    assert!(has_pattern(&dir.join("a"), 100_000, 1));
+    assert_eq!(stat(&mut c, "container").await.unwrap().parent, "base");
+
+    let m = view(&mut c, "v", "base").await.unwrap();
+    assert_eq!(m[0].options, vec!["rbind", "ro"]);
+    let vdir = mount_dir(&m);
+    assert!(has_pattern(&vdir.join("a"), 100_000, 1));
+    let err = std::fs::write(vdir.join("b"), b"x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS));
+    assert_eq!(stat(&mut c, "v").await.unwrap().kind, pb::Kind::View as i32);
+
+    remove(&mut c, "v").await.unwrap();
+    remove(&mut c, "container").await.unwrap();
+    remove(&mut c, "base").await.unwrap();
+    assert!(list(&mut c, &[]).await.unwrap().is_empty());
+    assert!(d.stop());
+    assert_eq!(d.check_consistent(), (0, 0));
+}
+
+#[tokio::test]
+async fn error_codes_follow_containerd() {
+    let d = Daemon::start().await;
+    let mut c = d.client().await;
+    prepare(&mut c, "a", "").await.unwrap();
+    assert_eq!(
+        prepare(&mut c, "a", "").await.unwrap_err().code(),
+        Code::AlreadyExists
+    );
+    assert_eq!(
+        prepare(&mut c, "b", "missing").await.unwrap_err().code(),
+        Code::NotFound
+    );
+    assert_eq!(
+        prepare(&mut c, "b", "a").await.unwrap_err().code(),
+        Code::InvalidArgument,
+        "active parent"
+    );
+    assert_eq!(
+        prepare(&mut c, "", "").await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    commit(&mut c, "p", "a").await.unwrap();
+    prepare(&mut c, "child", "p").await.unwrap();
+    let e = remove(&mut c, "p").await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains("remove"), "{}", e.message());
+    view(&mut c, "v", "p").await.unwrap();
+    assert_eq!(
+        commit(&mut c, "x", "v").await.unwrap_err().code(),
+        Code::FailedPrecondition,
+        "commit of a view"
+    );
+    assert_eq!(
+        commit(&mut c, "x", "nope").await.unwrap_err().code(),
+        Code::NotFound
+    );
+    // Commit onto an existing name: AlreadyExists, and the active stays.
+    assert_eq!(
+        commit(&mut c, "p", "child").await.unwrap_err().code(),
+        Code::AlreadyExists
+    );
+    assert_eq!(
+        stat(&mut c, "child").await.unwrap().kind,
+        pb::Kind::Active as i32
+    );
+    let mounts = c
+        .mounts(pb::MountsRequest {
+            snapshotter: String::new(),
+            key: "p".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        mounts.code(),
+        Code::FailedPrecondition,
+        "mounts of committed"
+    );
+    assert_eq!(
+        remove(&mut c, "nope").await.unwrap_err().code(),
+        Code::NotFound
+    );
+    assert_eq!(
+        usage(&mut c, "nope").await.unwrap_err().code(),
+        Code::NotFound
+    );
+    assert_eq!(
+        list(&mut c, &["name=="]).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    // Rebase onto another parent is refused clearly.
+    let e = c
+        .commit(pb::CommitSnapshotRequest {
+            snapshotter: String::new(),
+            name: "y".into(),
+            key: "child".into(),
+            labels: Default::default(),
+            parent: "other".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unimplemented);
+    assert!(e.message().contains("rebase"));
+}
+
+#[tokio::test]
+async fn labels_are_validated_and_updated_like_containerd() {
+    let d = Daemon::start().await;
+    let mut c = d.client().await;
+    let big = "v".repeat(4096);
+    let e = c
+        .prepare(pb::PrepareSnapshotRequest {
+            snapshotter: String::new(),
+            key: "big".into(),
+            parent: String::new(),
+            labels: labels(&[("k", &big)]),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert_eq!(
+        stat(&mut c, "big").await.unwrap_err().code(),
+        Code::NotFound,
+        "nothing created"
+    );
+
+    c.prepare(pb::PrepareSnapshotRequest {
+        snapshotter: String::new(),
+        key: "k".into(),
+        parent: String::new(),
+        labels: labels(&[("a", "1"), ("b", "2")]),
+    })
+    .await
+    .unwrap();
+    let before = stat(&mut c, "k").await.unwrap();
+    let update = |labels_: std::collections::HashMap<String, String>, paths: &[&str]| {
+        pb::UpdateSnapshotRequest {
+            snapshotter: String::new(),
+            info: Some(pb::Info {
+                name: "k".into(),
+                labels: labels_,
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: paths.iter().map(|s| s.to_string()).collect(),
+            }),
+        }
+    };
+    // labels.X sets one label, leaves the others.
+    let got = c
+        .update(update(labels(&[("c", "3")]), &["labels.c"]))
+        .await
+        .unwrap()
+        .into_inner()
+        .info
+        .unwrap();
+    assert_eq!(got.labels, labels(&[("a", "1"), ("b", "2"), ("c", "3")]));
+    assert!(
+        got.updated_at.as_ref().unwrap().seconds >= before.updated_at.as_ref().unwrap().seconds
+    );
+    assert_eq!(got.created_at, before.created_at);
+    // labels.X absent from the request deletes it.
+    let got = c
+        .update(update(labels(&[]), &["labels.a"]))
+        .await
+        .unwrap()
+        .into_inner()
+        .info
+        .unwrap();
+    assert_eq!(got.labels, labels(&[("b", "2"), ("c", "3")]));
+    // "labels" replaces all; no paths replaces all too.
+    let got = c
+        .update(update(labels(&[("x", "1")]), &["labels"]))
+        .await
+        .unwrap()
+        .into_inner()
+        .info
+        .unwrap();
+    assert_eq!(got.labels, labels(&[("x", "1")]));
+    let got = c
+        .update(update(labels(&[("y", "2")]), &[]))
+        .await
+        .unwrap()
+        .into_inner()
+        .info
+        .unwrap();
+    assert_eq!(got.labels, labels(&[("y", "2")]));
+    for bad in ["kind", "parent", "name", "created_at"] {
+        let e = c.update(update(labels(&[]), &[bad])).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{bad}");
+    }
+    // Stat equals the List entry.
+    let listed = list(&mut c, &["name==k"]).await.unwrap();
+    assert_eq!(listed, vec![stat(&mut c, "k").await.unwrap()]);
+}
+
+#[tokio::test]
+async fn list_filters_select_like_containerd() {
+    let d = Daemon::start().await;
+    let mut c = d.client().await;
+    prepare(&mut c, "base-a", "").await.unwrap();
+    commit(&mut c, "base", "base-a").await.unwrap();
+    c.prepare(pb::PrepareSnapshotRequest {
+        snapshotter: String::new(),
+        key: "c1".into(),
+        parent: "base".into(),
+        labels: labels(&[("containerd.io/snapshot.ref", "T"), ("x", "1")]),
+    })
+    .await
+    .unwrap();
+    view(&mut c, "v1", "base").await.unwrap();
+    prepare(&mut c, "lonely", "").await.unwrap();
+    let names = |infos: Vec<pb::Info>| infos.into_iter().map(|i| i.name).collect::<Vec<_>>();
+    assert_eq!(
+        names(list(&mut c, &[]).await.unwrap()),
+        ["base", "c1", "lonely", "v1"]
+    );
+    assert_eq!(
+        names(list(&mut c, &["kind==active"]).await.unwrap()),
+        ["c1", "lonely"]
+    );
+    assert_eq!(
+        names(list(&mut c, &["parent==base"]).await.unwrap()),
+        ["c1", "v1"]
+    );
+    assert_eq!(
+        names(list(&mut c, &[r#"parent!="""#]).await.unwrap()),
+        ["c1", "v1"]
+    );
+    assert_eq!(
+        names(
+            list(
+                &mut c,
+                &[r#"labels."containerd.io/snapshot.ref"==T,parent==base"#]
+            )
+            .await
+            .unwrap()
+        ),
+        ["c1"]
+    );
+    assert_eq!(names(list(&mut c, &["labels.x"]).await.unwrap()), ["c1"]);
+    assert_eq!(
+        names(list(&mut c, &["kind==view", "name==lonely"]).await.unwrap()),
+        ["lonely", "v1"]
+    );
+}
+
+#[tokio::test]
+async fn usage_comes_from_quota_accounting() {
+    let d = Daemon::start().await;
+    let mut c = d.client().await;
+    let dir = mount_dir(&prepare(&mut c, "a", "").await.unwrap());
+    const MIB: usize = 1 << 20;
+    write_pattern(&dir.join("data"), 8 * MIB, 3);
+    for i in 0..100 {
+        std::fs::write(dir.join(format!("f{i}")), b"x").unwrap();
+    }
+    commit(&mut c, "base", "a").await.unwrap();
+    let u = usage(&mut c, "base").await.unwrap();
+    assert!(
+        u.size >= 8 * MIB as i64 && u.size < 9 * MIB as i64,
+        "committed usage {u:?}"
+    );
+    assert!((101..=110).contains(&u.inodes), "inodes {u:?}");
+
+    // A child starts near zero and grows with what it writes, not with its parent.
+    let child = mount_dir(&prepare(&mut c, "child", "base").await.unwrap());
+    write_pattern(&child.join("more"), 2 * MIB, 4);
+    nix::unistd::sync();
+    let u = usage(&mut c, "child").await.unwrap();
+    assert!(
+        u.size >= 2 * MIB as i64 && u.size < 3 * MIB as i64,
+        "active usage {u:?}"
+    );
+    assert!((1..=3).contains(&u.inodes), "inodes {u:?}");
+}
+
+#[tokio::test]
+async fn concurrent_prepares_of_one_key_have_exactly_one_winner() {
+    let d = Daemon::start().await;
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let mut c = d.client().await;
+        tasks.push(tokio::spawn(async move {
+            prepare(&mut c, "same", "").await.map(|_| ())
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(()) => ok += 1,
+            Err(e) => assert_eq!(e.code(), Code::AlreadyExists, "{e}"),
+        }
+    }
+    assert_eq!(ok, 1);
+}
+
+#[tokio::test]
+async fn remove_deletes_nested_subvolumes_without_failing() {
+    let mut d = Daemon::start().await;
+    let mut c = d.client().await;
+    let dir = mount_dir(&prepare(&mut c, "ctr", "").await.unwrap());
+    std::fs::create_dir(dir.join("inner")).unwrap();
+    for sub in ["inner/sv1", "inner/sv1/sv2"] {
+        let st = std::process::Command::new("btrfs")
+            .args(["-q", "subvolume", "create"])
+            .arg(dir.join(sub))
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    std::fs::write(dir.join("inner/sv1/sv2/file"), b"data").unwrap();
+    remove(&mut c, "ctr").await.unwrap();
+    assert!(!dir.exists());
+    assert!(d.stop());
+    assert_eq!(d.check_consistent(), (0, 0));
+}
+
+#[tokio::test]
+async fn restart_keeps_snapshots_and_cleanup_removes_orphans() {
+    let mut d = Daemon::start().await;
+    let mut c = d.client().await;
+    let dir = mount_dir(&prepare(&mut c, "a", "").await.unwrap());
+    write_pattern(&dir.join("f"), 4096, 9);
+    commit(&mut c, "base", "a").await.unwrap();
+    prepare(&mut c, "live", "base").await.unwrap();
+    drop(c);
+    assert!(d.stop(), "clean exit on SIGTERM:\n{}", d.log_text());
+    assert!(!d.socket.exists(), "socket removed at exit");
+
+    // An orphan appears behind cowsnap's back: startup repair destroys it.
+    let orphan = d.root.join("active/999");
+    assert!(
+        std::process::Command::new("btrfs")
+            .args(["-q", "subvolume", "create"])
+            .arg(&orphan)
+            .status()
+            .unwrap()
+            .success()
+    );
+    d.spawn().await;
+    assert!(!orphan.exists(), "startup repair destroyed the orphan");
+    let mut c = d.client().await;
+    let dir = mount_dir(&prepare(&mut c, "again", "base").await.unwrap());
+    assert!(has_pattern(&dir.join("f"), 4096, 9));
+    assert_eq!(list(&mut c, &[]).await.unwrap().len(), 3);
+
+    // Another orphan while running: Cleanup destroys it, leaves the rest.
+    let orphan = d.root.join("committed/12345");
+    assert!(
+        std::process::Command::new("btrfs")
+            .args(["-q", "subvolume", "create"])
+            .arg(&orphan)
+            .status()
+            .unwrap()
+            .success()
+    );
+    cleanup(&mut c).await.unwrap();
+    assert!(!orphan.exists());
+    assert_eq!(list(&mut c, &[]).await.unwrap().len(), 3);
+    drop(c);
+    assert!(d.stop());
+    assert_eq!(d.check_consistent(), (3, 3));
+}
+
+#[tokio::test]
+async fn socket_and_root_permissions() {
+    let d = Daemon::start().await;
+    let sock = std::fs::metadata(&d.socket).unwrap();
+    assert_eq!(sock.permissions().mode() & 0o777, 0o660);
+    assert_eq!(sock.uid(), 0);
+    let root = std::fs::metadata(&d.root).unwrap();
+    assert_eq!(root.permissions().mode() & 0o777, 0o700);
+}
+
+#[tokio::test]
+async fn keys_are_never_paths() {
+    let mut d = Daemon::start().await;
+    let mut c = d.client().await;
+    for key in [
+        "../../etc/evil",
+        "/abs/path",
+        "a/b/c",
+        "..",
+        ".",
+        "x\u{0}y",
+        "ключ",
+    ] {
+        let m = prepare(&mut c, key, "").await.unwrap();
+        let dir = mount_dir(&m);
+        assert!(
+            dir.starts_with(d.root.join("active")),
+            "{key} -> {}",
+            dir.display()
+        );
+        assert_eq!(stat(&mut c, key).await.unwrap().name, key);
+    }
+    assert!(!d.fs.path().join("etc").exists());
+    assert!(!std::path::Path::new("/abs").exists());
+    drop(c);
+    assert!(d.stop());
+    assert_eq!(d.check_consistent(), (7, 7));
+}
