@@ -26,8 +26,27 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(60);
 /// Errors that stop the daemon, with what it was doing.
 pub type DaemonError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Runs the daemon with `cfg` until a termination signal.
-pub async fn serve(cfg: Config) -> Result<(), DaemonError> {
+/// Runs the daemon with `cfg` until a termination signal: starts the
+/// runtime, serves, shuts the runtime down (which ends idle connections and
+/// closes the metadata), then unmounts an embedded image it mounted.
+pub fn run(cfg: Config) -> Result<(), DaemonError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    let result = rt.block_on(serve(cfg));
+    // Calls in flight already finished; this drops idle connections and,
+    // with them, the last references to the core.
+    rt.shutdown_timeout(Duration::from_secs(5));
+    let embedded_root = result?;
+    embedded_root.release();
+    info!("stopped");
+    Ok(())
+}
+
+/// Serves until a termination signal; returns the embedded root for the
+/// caller to release once nothing uses the filesystem any more.
+async fn serve(cfg: Config) -> Result<embedded::EmbeddedRoot, DaemonError> {
     let started = Instant::now();
     cfg.validate()?;
     if cfg.backend != BackendKind::Btrfs {
@@ -118,14 +137,12 @@ pub async fn serve(cfg: Config) -> Result<(), DaemonError> {
         warn!("calls still running after the grace period; exiting without waiting for them");
     }
     drop(core);
-    embedded_root.release();
     match served {
         Ok(r) => r?,
         Err(e) if e.is_cancelled() => {}
         Err(e) => return Err(format!("server task failed: {e}").into()),
     }
-    info!("stopped");
-    Ok(())
+    Ok(embedded_root)
 }
 
 /// Waits for SIGTERM or SIGINT.

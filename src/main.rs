@@ -57,20 +57,7 @@ fn main() -> ExitCode {
             if let Some(f) = file {
                 tracing::info!(config = %f.display(), "read configuration");
             }
-            let rt = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("cowsnap: cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            let result = rt.block_on(cowsnap::daemon::serve(cfg));
-            // Idle connections end here; calls in flight already finished.
-            rt.shutdown_timeout(std::time::Duration::from_secs(5));
-            match result {
+            match cowsnap::daemon::run(cfg) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e}");
