@@ -2,7 +2,10 @@
 //! proto compiler (protox), so building needs no system `protoc`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/containerd/services/snapshots/v1/snapshots.proto"];
+    let protos = [
+        "proto/containerd/services/snapshots/v1/snapshots.proto",
+        "proto/cowsnap/admin/v1/admin.proto",
+    ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

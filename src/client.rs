@@ -11,6 +11,14 @@ use crate::proto::containerd::services::snapshots::v1::snapshots_client::Snapsho
 
 /// Connects to the snapshots service on the unix socket at `path`.
 pub async fn connect(path: &Path) -> Result<SnapshotsClient<Channel>, tonic::transport::Error> {
+    Ok(SnapshotsClient::new(connect_channel(path).await?)
+        .max_decoding_message_size(64 * 1024 * 1024)
+        .max_encoding_message_size(16 * 1024 * 1024))
+}
+
+/// A channel to the daemon on the unix socket at `path`, for any of its
+/// services.
+pub async fn connect_channel(path: &Path) -> Result<Channel, tonic::transport::Error> {
     let path: PathBuf = path.to_owned();
     // The URI is required by the API but unused: the connector dials the
     // socket.
@@ -20,7 +28,5 @@ pub async fn connect(path: &Path) -> Result<SnapshotsClient<Channel>, tonic::tra
             async move { UnixStream::connect(path).await.map(TokioIo::new) }
         }))
         .await?;
-    Ok(SnapshotsClient::new(channel)
-        .max_decoding_message_size(64 * 1024 * 1024)
-        .max_encoding_message_size(16 * 1024 * 1024))
+    Ok(channel)
 }

@@ -14,6 +14,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_stream::wrappers::UnixListenerStream;
 use tracing::{error, info, warn};
 
+use crate::admin::AdminService;
 use crate::backend::btrfs::BtrfsBackend;
 use crate::config::{BackendKind, Config};
 use crate::embedded::{self, RootSetup};
@@ -98,6 +99,7 @@ async fn serve(cfg: Config) -> Result<embedded::EmbeddedRoot, DaemonError> {
     let mut server = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(service.into_server())
+            .add_service(AdminService::new(core.clone(), in_flight.clone()).into_server())
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = stop_rx.await;
             }),

@@ -76,33 +76,44 @@ impl SnapshotsService {
         op: &'static str,
         f: impl FnOnce(&Snapshotter) -> Result<T> + Send + 'static,
     ) -> std::result::Result<T, Status> {
-        let core = self.core.clone();
-        let start = Instant::now();
-        let in_flight = InFlight::enter(&self.in_flight);
-        let out = tokio::task::spawn_blocking(move || {
-            let _in_flight = in_flight;
-            f(&core)
-        })
-        .await
-        .map_err(|e| Status::internal(format!("{op}: worker failed: {e}")))?;
-        let elapsed = start.elapsed();
-        match out {
-            Ok(v) => {
-                debug!(op, ?elapsed, "ok");
-                Ok(v)
+        run_blocking(&self.core, &self.in_flight, op, f).await
+    }
+}
+
+/// Runs a core operation on the blocking pool, counted as in flight, with
+/// its outcome logged and its error converted by [`status`].
+pub(crate) async fn run_blocking<T: Send + 'static>(
+    core: &Arc<Snapshotter>,
+    in_flight: &Arc<AtomicUsize>,
+    op: &'static str,
+    f: impl FnOnce(&Snapshotter) -> Result<T> + Send + 'static,
+) -> std::result::Result<T, Status> {
+    let core = core.clone();
+    let start = Instant::now();
+    let in_flight = InFlight::enter(in_flight);
+    let out = tokio::task::spawn_blocking(move || {
+        let _in_flight = in_flight;
+        f(&core)
+    })
+    .await
+    .map_err(|e| Status::internal(format!("{op}: worker failed: {e}")))?;
+    let elapsed = start.elapsed();
+    match out {
+        Ok(v) => {
+            debug!(op, ?elapsed, "ok");
+            Ok(v)
+        }
+        Err(e) => {
+            let st = status(op, &e);
+            if matches!(
+                e.code(),
+                Code::Internal | Code::Unavailable | Code::ResourceExhausted
+            ) {
+                warn!(op, ?elapsed, error = %e, code = ?st.code(), "failed");
+            } else {
+                debug!(op, ?elapsed, error = %e, code = ?st.code(), "refused");
             }
-            Err(e) => {
-                let st = status(op, &e);
-                if matches!(
-                    e.code(),
-                    Code::Internal | Code::Unavailable | Code::ResourceExhausted
-                ) {
-                    warn!(op, ?elapsed, error = %e, code = ?st.code(), "failed");
-                } else {
-                    debug!(op, ?elapsed, error = %e, code = ?st.code(), "refused");
-                }
-                Err(st)
-            }
+            Err(st)
         }
     }
 }

@@ -44,6 +44,12 @@ impl KeyLocks {
         }
     }
 
+    /// Whether `key` is held right now (a snapshot in the middle of an
+    /// operation). Only a hint: it may change right after.
+    pub fn is_held(&self, key: &str) -> bool {
+        self.table().contains(key)
+    }
+
     fn table(&self) -> MutexGuard<'_, HashSet<String>> {
         // A panic while holding the table lock cannot leave the set
         // half-updated (every update is a single insert or remove).

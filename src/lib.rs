@@ -13,6 +13,7 @@
 //! docs/design.md describes the architecture, the metadata schema and the
 //! crash protocol.
 
+pub mod admin;
 pub mod backend;
 pub mod client;
 pub mod config;
@@ -22,6 +23,7 @@ pub mod error;
 pub mod failpoint;
 pub mod filter;
 pub mod grpc;
+pub mod inventory;
 pub mod keylock;
 pub mod meta;
 pub mod model;
@@ -30,6 +32,16 @@ pub mod snapshotter;
 /// Code generated from proto/ (containerd's wire types and services).
 #[allow(missing_docs, clippy::all)]
 pub mod proto {
+    /// cowsnap's own packages.
+    pub mod cowsnap {
+        /// The administration API.
+        pub mod admin {
+            /// `cowsnap.admin.v1`.
+            pub mod v1 {
+                tonic::include_proto!("cowsnap.admin.v1");
+            }
+        }
+    }
     /// containerd's packages.
     pub mod containerd {
         /// `containerd.types`.

@@ -16,6 +16,7 @@
 //! without holding one. Records are JSON so that fields can be added with
 //! defaults without a migration.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
@@ -72,6 +73,10 @@ pub struct Record {
     /// Usage measured when the snapshot was committed.
     #[serde(default)]
     pub usage: Option<Usage>,
+    /// Size limit in bytes, if any (label `containerd.io/snapshot/max-size`
+    /// or `cowsnap quota set`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u64>,
 }
 
 impl Record {
@@ -235,6 +240,23 @@ impl MetaStore {
         for entry in t.iter().map_err(|e| Error::meta("iterate ids", e))? {
             let (k, _) = entry.map_err(|e| Error::meta("iterate ids", e))?;
             out.push(SnapshotId(k.value()));
+        }
+        Ok(out)
+    }
+
+    /// Number of children of every snapshot that has some.
+    pub fn children_counts(&self) -> Result<HashMap<SnapshotId, u64>> {
+        let txn = self
+            .db
+            .begin_read()
+            .map_err(|e| Error::meta("begin read", e))?;
+        let t = txn
+            .open_table(CHILDREN)
+            .map_err(|e| Error::meta("open children", e))?;
+        let mut out: HashMap<SnapshotId, u64> = HashMap::new();
+        for entry in t.iter().map_err(|e| Error::meta("iterate children", e))? {
+            let (k, _) = entry.map_err(|e| Error::meta("iterate children", e))?;
+            *out.entry(SnapshotId(k.value().0)).or_default() += 1;
         }
         Ok(out)
     }
@@ -585,6 +607,7 @@ mod tests {
                 inode_base: 0,
             },
             usage: None,
+            limit: None,
         }
     }
 

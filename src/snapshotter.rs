@@ -66,6 +66,8 @@ pub struct RepairReport {
     pub committed_missing: Vec<String>,
     /// Stale backend accounting entries removed.
     pub stale_accounting_removed: u64,
+    /// Exclusive bytes the destroyed orphans held, as last accounted.
+    pub reclaimed_bytes: u64,
 }
 
 impl RepairReport {
@@ -77,14 +79,19 @@ impl RepairReport {
 
 /// The snapshotter: owns the metadata and the backend.
 pub struct Snapshotter {
-    meta: MetaStore,
-    backend: Box<dyn Backend>,
-    locks: KeyLocks,
+    pub(crate) meta: MetaStore,
+    pub(crate) backend: Box<dyn Backend>,
+    pub(crate) locks: KeyLocks,
     /// Ids whose object is being created and has no record yet: Cleanup
     /// must not mistake them for orphans.
     creating: Mutex<HashSet<SnapshotId>>,
     next_id: AtomicU64,
+    root: std::path::PathBuf,
+    started: Timestamp,
 }
+
+/// The label with which containerd (2.x) asks for a size limit on Prepare.
+pub const MAX_SIZE_LABEL: &str = "containerd.io/snapshot/max-size";
 
 impl Snapshotter {
     /// Opens the metadata in `root` with `backend`, and repairs what a crash
@@ -99,6 +106,8 @@ impl Snapshotter {
             locks: KeyLocks::default(),
             creating: Mutex::new(HashSet::new()),
             next_id: AtomicU64::new(next),
+            root: root.to_owned(),
+            started: Timestamp::now(),
         };
         let report = s.repair()?;
         Ok((s, report))
@@ -107,6 +116,16 @@ impl Snapshotter {
     /// The backend's description.
     pub fn describe_backend(&self) -> String {
         self.backend.describe()
+    }
+
+    /// The root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// When this instance opened.
+    pub fn started(&self) -> Timestamp {
+        self.started
     }
 
     /// Creates an active snapshot `key` on `parent` (empty: no parent) and
@@ -124,6 +143,10 @@ impl Snapshotter {
         validate_key("key", key)?;
         let labels = normalize_labels(labels);
         validate_labels(&labels)?;
+        let limit = match labels.get(MAX_SIZE_LABEL) {
+            Some(v) => Some(parse_size_label(v)?),
+            None => None,
+        };
         let _guard = self.locks.lock(&[key]);
         if self.meta.get(key)?.is_some() {
             return Err(Error::AlreadyExists(format!(
@@ -157,6 +180,15 @@ impl Snapshotter {
                 return Err(e);
             }
         };
+        if let Some(limit) = limit.filter(|_| kind == Kind::Active)
+            && let Err(e) = self.backend.set_limit(&object, Some(limit))
+        {
+            if let Err(d) = self.backend.destroy(id, object.native) {
+                warn!(id = %id, error = %d, "could not destroy the object of a failed create; left for cleanup");
+            }
+            self.creating_done(id);
+            return Err(e);
+        }
         let now = Timestamp::now();
         let record = Record {
             id,
@@ -168,6 +200,7 @@ impl Snapshotter {
             updated: now,
             object,
             usage: None,
+            limit: limit.filter(|_| kind == Kind::Active),
         };
         let stored =
             failpoint::hit("create.after_fs").and_then(|()| self.meta.insert(key, &record));
@@ -395,7 +428,7 @@ impl Snapshotter {
         // exists in the listing either was still being created when the set
         // was taken (skipped) or has its record committed before the read.
         let found = self.backend.scan()?;
-        let creating = self.creating_snapshot();
+        let creating = self.creating_ids();
         let recorded: HashSet<SnapshotId> = self.meta.all_ids()?.into_iter().collect();
         let mut report = RepairReport::default();
         let mut live = Vec::with_capacity(found.len());
@@ -404,10 +437,17 @@ impl Snapshotter {
                 live.push(f);
                 continue;
             }
+            let held = crate::meta::ObjectRef {
+                id: f.id,
+                native: f.native,
+                inode_base: 0,
+            };
+            let bytes = self.backend.space(&held).map(|s| s.exclusive).unwrap_or(0);
             match self.backend.destroy(f.id, f.native) {
                 Ok(()) => {
-                    info!(id = %f.id, area = %f.area, "cleanup: destroyed orphan object");
+                    info!(id = %f.id, area = %f.area, bytes, "cleanup: destroyed orphan object");
                     report.orphans_destroyed += 1;
+                    report.reclaimed_bytes += bytes;
                 }
                 Err(e) => {
                     warn!(id = %f.id, area = %f.area, error = %e, "cleanup: could not destroy orphan object");
@@ -496,7 +536,7 @@ impl Snapshotter {
         self.creating_set().remove(&id);
     }
 
-    fn creating_snapshot(&self) -> HashSet<SnapshotId> {
+    pub(crate) fn creating_ids(&self) -> HashSet<SnapshotId> {
         self.creating_set().clone()
     }
 
@@ -504,6 +544,23 @@ impl Snapshotter {
         // Updates are single inserts/removes: a poisoned set is consistent.
         self.creating.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// Parses the value of the max-size label: bytes, optionally with a binary
+/// unit ("1073741824", "512M", "10GiB").
+fn parse_size_label(v: &str) -> Result<u64> {
+    let size: crate::config::ByteSize = v.parse().map_err(|e| {
+        Error::InvalidArgument(format!(
+            "label {MAX_SIZE_LABEL}={}: not a size: {e}",
+            truncate_for_message(v)
+        ))
+    })?;
+    if size.bytes() == 0 {
+        return Err(Error::InvalidArgument(format!(
+            "label {MAX_SIZE_LABEL} must be more than 0"
+        )));
+    }
+    Ok(size.bytes())
 }
 
 /// containerd never stores a label with an empty value: setting one to ""

@@ -11,7 +11,7 @@
 
 pub mod btrfs;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::meta::ObjectRef;
 use crate::model::{Kind, Mount, SnapshotId, Usage};
 
@@ -34,6 +34,33 @@ pub struct BackendCleanup {
     /// Stale accounting entries (e.g. btrfs qgroups of deleted subvolumes)
     /// removed.
     pub stale_accounting_removed: u64,
+}
+
+/// Live space figures of one object.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ObjectSpace {
+    /// Bytes only this object holds.
+    pub exclusive: u64,
+    /// Bytes this object refers to, shared or not.
+    pub referenced: u64,
+}
+
+/// Space figures of the whole filesystem (or pool).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FilesystemSpace {
+    /// Size of the filesystem.
+    pub total: u64,
+    /// Bytes in use.
+    pub used: u64,
+}
+
+/// State of the backend's space accounting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountingState {
+    /// "simple", "full", or the backend's own name.
+    pub mode: String,
+    /// False when the filesystem says its figures are wrong until repaired.
+    pub consistent: bool,
 }
 
 /// Filesystem operations the snapshotter core needs.
@@ -76,4 +103,45 @@ pub trait Backend: Send + Sync {
 
     /// Reclaims backend-level garbage that no object owns any more.
     fn cleanup(&self, live: &[FoundObject]) -> Result<BackendCleanup>;
+
+    /// Live space figures of an object, of any kind. Cheap (no file walk,
+    /// no per-file work): called for every snapshot by the usage report.
+    fn space(&self, _obj: &ObjectRef) -> Result<ObjectSpace> {
+        Err(Error::Unimplemented(
+            "space figures are not available on this backend".into(),
+        ))
+    }
+
+    /// Sets (`Some`) or clears (`None`) the object's size limit: writes
+    /// beyond it fail with EDQUOT.
+    fn set_limit(&self, _obj: &ObjectRef, _limit: Option<u64>) -> Result<()> {
+        Err(Error::Unimplemented(
+            "size limits are not available on this backend".into(),
+        ))
+    }
+
+    /// Space figures of the whole filesystem or pool.
+    fn filesystem_space(&self) -> Result<FilesystemSpace> {
+        Err(Error::Unimplemented(
+            "filesystem figures are not available on this backend".into(),
+        ))
+    }
+
+    /// State of the space accounting.
+    fn accounting(&self) -> Result<AccountingState> {
+        Ok(AccountingState {
+            mode: "none".into(),
+            consistent: true,
+        })
+    }
+
+    /// Starts a repair of inconsistent accounting (a btrfs quota rescan).
+    fn repair_accounting(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Where the object is, for people: a path or a dataset name.
+    fn location(&self, obj: &ObjectRef, kind: Kind) -> String {
+        format!("{kind}/{}", obj.id)
+    }
 }

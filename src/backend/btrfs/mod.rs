@@ -31,7 +31,9 @@ use nix::sys::stat::Mode;
 use tracing::{info, warn};
 
 use self::ioctl::{QuotaMode, SubvolId};
-use crate::backend::{Backend, BackendCleanup, FoundObject};
+use crate::backend::{
+    AccountingState, Backend, BackendCleanup, FilesystemSpace, FoundObject, ObjectSpace,
+};
 use crate::config::QuotaSetting;
 use crate::error::{Error, IoContext, Result};
 use crate::meta::ObjectRef;
@@ -376,6 +378,70 @@ impl Backend for BtrfsBackend {
         Ok(BackendCleanup {
             stale_accounting_removed: removed,
         })
+    }
+
+    fn space(&self, obj: &ObjectRef) -> Result<ObjectSpace> {
+        let q = ioctl::qgroup_info(self.root_fd.as_fd(), SubvolId(obj.native))
+            .context(|| format!("reading quota group 0/{}", obj.native))?
+            .unwrap_or(ioctl::QgroupUsage {
+                referenced: 0,
+                exclusive: 0,
+            });
+        Ok(ObjectSpace {
+            exclusive: q.exclusive,
+            referenced: q.referenced,
+        })
+    }
+
+    fn set_limit(&self, obj: &ObjectRef, limit: Option<u64>) -> Result<()> {
+        ioctl::qgroup_limit(self.root_fd.as_fd(), obj.native, limit).context(|| {
+            format!(
+                "setting the limit of quota group 0/{} to {limit:?}",
+                obj.native
+            )
+        })
+    }
+
+    fn filesystem_space(&self) -> Result<FilesystemSpace> {
+        let st = nix::sys::statvfs::fstatvfs(&self.root_fd)
+            .context(|| format!("statvfs {}", self.root.display()))?;
+        let frsize = st.fragment_size();
+        Ok(FilesystemSpace {
+            total: st.blocks().saturating_mul(frsize),
+            used: st
+                .blocks()
+                .saturating_sub(st.blocks_free())
+                .saturating_mul(frsize),
+        })
+    }
+
+    fn accounting(&self) -> Result<AccountingState> {
+        let status = ioctl::quota_status(self.root_fd.as_fd())
+            .context(|| "reading quota status".to_owned())?;
+        Ok(match status {
+            None => AccountingState {
+                mode: "off".into(),
+                consistent: false,
+            },
+            Some(st) => AccountingState {
+                mode: if st.simple { "simple" } else { "full" }.into(),
+                consistent: !st.inconsistent,
+            },
+        })
+    }
+
+    fn repair_accounting(&self) -> Result<()> {
+        match self.quota {
+            // Simple quotas cannot be rescanned (the kernel answers EINVAL);
+            // their figures are charged at write time.
+            QuotaMode::Simple => Ok(()),
+            QuotaMode::Full => ioctl::quota_rescan(self.root_fd.as_fd())
+                .context(|| "starting a quota rescan".to_owned()),
+        }
+    }
+
+    fn location(&self, obj: &ObjectRef, kind: Kind) -> String {
+        self.path_of(kind, obj.id).display().to_string()
     }
 }
 

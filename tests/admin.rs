@@ -1,0 +1,314 @@
+//! The admin API over the daemon's socket: status, details, references,
+//! the usage report, size limits and the consistency check.
+
+mod common;
+
+use common::*;
+use cowsnap::proto::containerd::services::snapshots::v1 as spb;
+use cowsnap::proto::cowsnap::admin::v1 as pb;
+use cowsnap::proto::cowsnap::admin::v1::admin_client::AdminClient;
+use tonic::Code;
+
+async fn admin(d: &Daemon) -> AdminClient<tonic::transport::Channel> {
+    let channel = cowsnap::client::connect_channel(&d.socket).await.unwrap();
+    AdminClient::new(channel)
+}
+
+async fn inspect(
+    a: &mut AdminClient<tonic::transport::Channel>,
+    r: &str,
+) -> Result<pb::Snapshot, tonic::Status> {
+    a.inspect(pb::InspectRequest { r#ref: r.into() })
+        .await
+        .map(|r| r.into_inner())
+}
+
+#[tokio::test]
+async fn status_list_and_references() {
+    let d = Daemon::start().await;
+    let mut c = d.client().await;
+    let mut a = admin(&d).await;
+    prepare(&mut c, "base-x", "").await.unwrap();
+    commit(&mut c, "base", "base-x").await.unwrap();
+    prepare(&mut c, "ctr", "base").await.unwrap();
+    view(&mut c, "v", "base").await.unwrap();
+
+    let st = a.status(pb::StatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(
+        (st.snapshots, st.active, st.views, st.committed),
+        (3, 1, 1, 1)
+    );
+    assert!(st.quota_consistent);
+    assert!(st.backend.contains("btrfs"));
+
+    let all = a
+        .list_snapshots(pb::ListSnapshotsRequest {
+            filters: vec![],
+            with_usage: true,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshots;
+    assert_eq!(
+        all.iter().map(|s| s.key.as_str()).collect::<Vec<_>>(),
+        ["base", "ctr", "v"]
+    );
+    let base = &all[0];
+    assert_eq!(base.children, 2);
+    assert!(base.space.is_some() && base.native_id >= 256);
+    assert!(base.object.ends_with(&format!("committed/{}", base.id)));
+
+    // By key, by id, by id prefix (needs >= 3 digits, so ids are padded out
+    // by creating snapshots up to id 100+).
+    assert_eq!(
+        inspect(&mut a, "ctr").await.unwrap().kind,
+        pb::Kind::Active as i32
+    );
+    assert_eq!(
+        inspect(&mut a, &base.id.to_string()).await.unwrap().key,
+        "base"
+    );
+    for i in 0..110 {
+        prepare(&mut c, &format!("k{i}"), "").await.unwrap();
+    }
+    let k = inspect(&mut a, "k105").await.unwrap();
+    assert!(k.id >= 100);
+    let prefix = &k.id.to_string()[..3];
+    let matches: Vec<_> = (1..=k.id + 10)
+        .filter(|i| i.to_string().starts_with(prefix))
+        .collect();
+    if matches.len() == 1 {
+        assert_eq!(inspect(&mut a, prefix).await.unwrap().id, k.id);
+    }
+    assert_eq!(inspect(&mut a, "10").await.unwrap().id, 10, "exact id wins");
+    assert_eq!(
+        inspect(&mut a, "nope").await.unwrap_err().code(),
+        Code::NotFound
+    );
+    // "11" is an exact id; "1" is too short for a prefix but an exact id.
+    assert_eq!(inspect(&mut a, "1").await.unwrap().id, 1);
+}
+
+#[tokio::test]
+async fn ambiguous_id_prefix_lists_candidates() {
+    let d = Daemon::start().await;
+    let mut c = d.client().await;
+    let mut a = admin(&d).await;
+    // Ids are handed out from 1: s{i} gets id i+1.
+    for i in 0..1010 {
+        prepare(&mut c, &format!("s{i}"), "").await.unwrap();
+    }
+    // Without ids 100..=109, "100" is no exact id, and the prefix of
+    // 1000..=1009: ambiguous.
+    for i in 99..109 {
+        remove(&mut c, &format!("s{i}")).await.unwrap();
+    }
+    let e = inspect(&mut a, "100").await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("ambiguous"), "{}", e.message());
+    for id in 1000..1010 {
+        assert!(
+            e.message().contains(&format!("{id} (\"s{}\")", id - 1)),
+            "{}",
+            e.message()
+        );
+    }
+    // A prefix with one match resolves; an exact id is not a prefix.
+    assert_eq!(inspect(&mut a, "1005").await.unwrap().key, "s1004");
+    assert_eq!(inspect(&mut a, "99").await.unwrap().key, "s98");
+    assert_eq!(inspect(&mut a, "98").await.unwrap().id, 98);
+    remove(&mut c, "s1009").await.unwrap();
+    remove(&mut c, "s1008").await.unwrap();
+    // "101" is now only the prefix of 1010? No: 1010 does not exist (ids
+    // end at 1010 = s1009, removed), so "101" matches nothing.
+    assert_eq!(
+        inspect(&mut a, "101").await.unwrap_err().code(),
+        Code::NotFound
+    );
+}
+
+#[tokio::test]
+async fn usage_report_reconciles_with_the_filesystem() {
+    let d = Daemon::start().await;
+    let mut c = d.client().await;
+    let mut a = admin(&d).await;
+    let dir = mount_dir(&prepare(&mut c, "a", "").await.unwrap());
+    write_pattern(&dir.join("f"), 4 << 20, 1);
+    commit(&mut c, "base", "a").await.unwrap();
+    let dir = mount_dir(&prepare(&mut c, "ctr", "base").await.unwrap());
+    write_pattern(&dir.join("g"), 2 << 20, 2);
+    nix::unistd::sync();
+    let report = a.usage(pb::UsageRequest {}).await.unwrap().into_inner();
+    let fs = report.filesystem.unwrap();
+    let sum: u64 = report
+        .snapshots
+        .iter()
+        .map(|s| s.space.as_ref().unwrap().exclusive_bytes)
+        .sum();
+    assert_eq!(fs.accounted_bytes, sum);
+    assert_eq!(fs.accounted_bytes + fs.unaccounted_bytes, fs.used_bytes);
+    assert!(sum >= 6 << 20, "accounted {sum}");
+    let base = report.snapshots.iter().find(|s| s.key == "base").unwrap();
+    assert!(base.space.as_ref().unwrap().committed_bytes >= 4 << 20);
+}
+
+#[tokio::test]
+async fn max_size_label_and_quota_command_limit_writes() {
+    let d = Daemon::start().await;
+    let mut c = d.client().await;
+    let mut a = admin(&d).await;
+    let m = c
+        .prepare(spb::PrepareSnapshotRequest {
+            key: "limited".into(),
+            labels: labels(&[("containerd.io/snapshot/max-size", "4M")]),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .mounts;
+    let dir = mount_dir(&m);
+    let err = write_until_error(&dir.join("big"), 16 << 20);
+    assert_eq!(
+        err,
+        Some(libc::EDQUOT),
+        "a write beyond the label's limit fails"
+    );
+    assert_eq!(
+        inspect(&mut a, "limited").await.unwrap().limit_bytes,
+        4 << 20
+    );
+
+    // A bad label value creates nothing.
+    let e = c
+        .prepare(spb::PrepareSnapshotRequest {
+            key: "bad".into(),
+            labels: labels(&[("containerd.io/snapshot/max-size", "lots")]),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert_eq!(
+        stat(&mut c, "bad").await.unwrap_err().code(),
+        Code::NotFound
+    );
+
+    // The quota command sets and clears a limit on an existing snapshot.
+    let dir = mount_dir(&prepare(&mut c, "free", "").await.unwrap());
+    let s = a
+        .set_quota(pb::SetQuotaRequest {
+            r#ref: "free".into(),
+            limit_bytes: 2 << 20,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(s.limit_bytes, 2 << 20);
+    assert_eq!(
+        write_until_error(&dir.join("x"), 8 << 20),
+        Some(libc::EDQUOT)
+    );
+    std::fs::remove_file(dir.join("x")).unwrap();
+    nix::unistd::sync();
+    let s = a
+        .set_quota(pb::SetQuotaRequest {
+            r#ref: "free".into(),
+            limit_bytes: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(s.limit_bytes, 0);
+    assert_eq!(write_until_error(&dir.join("y"), 8 << 20), None);
+}
+
+/// Writes `len` bytes in 1 MiB chunks with fsync; returns the errno that
+/// stopped it, if any.
+fn write_until_error(path: &std::path::Path, len: usize) -> Option<i32> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).unwrap();
+    let chunk = vec![7u8; 1 << 20];
+    let mut written = 0;
+    while written < len {
+        if let Err(e) = f.write_all(&chunk).and_then(|()| f.sync_data()) {
+            return e.raw_os_error();
+        }
+        written += chunk.len();
+    }
+    None
+}
+
+#[tokio::test]
+async fn check_reports_and_repairs() {
+    let d = Daemon::start().await;
+    let mut c = d.client().await;
+    let mut a = admin(&d).await;
+    prepare(&mut c, "keep", "").await.unwrap();
+    let dir = mount_dir(&prepare(&mut c, "gone", "").await.unwrap());
+    let clean = a
+        .check(pb::CheckRequest { repair: false })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(clean.consistent && clean.findings.is_empty(), "{clean:?}");
+
+    // An orphan and a subvolume deleted behind cowsnap's back.
+    let orphan = d.root.join("active/4242");
+    assert!(
+        std::process::Command::new("btrfs")
+            .args(["-q", "subvolume", "create"])
+            .arg(&orphan)
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(
+        std::process::Command::new("btrfs")
+            .args(["-q", "subvolume", "delete"])
+            .arg(&dir)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let found = a
+        .check(pb::CheckRequest { repair: false })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!found.consistent);
+    let kinds: Vec<_> = found
+        .findings
+        .iter()
+        .map(|f| (f.kind.as_str(), f.repaired))
+        .collect();
+    assert!(kinds.contains(&("orphan_object", false)), "{kinds:?}");
+    assert!(kinds.contains(&("missing_object", false)), "{kinds:?}");
+    assert!(orphan.exists(), "a check without repair changes nothing");
+
+    let repaired = a
+        .check(pb::CheckRequest { repair: true })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!orphan.exists(), "repair destroyed the orphan");
+    let missing = repaired
+        .findings
+        .iter()
+        .find(|f| f.kind == "missing_object")
+        .unwrap();
+    assert!(
+        !missing.repaired,
+        "a missing object is reported, never silently dropped"
+    );
+    assert_eq!(missing.key, "gone");
+    // containerd's GC can still remove it.
+    remove(&mut c, "gone").await.unwrap();
+    let after = a
+        .check(pb::CheckRequest { repair: false })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(after.consistent, "{after:?}");
+}
