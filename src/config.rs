@@ -101,6 +101,9 @@ pub struct Config {
     /// editing the file; see [`Config::log_directive`]. Default: none, which
     /// means `"info"`.
     pub log_level: Option<String>,
+    /// Address (`host:port`) of the Prometheus metrics endpoint
+    /// (`GET /metrics`). Default: none, the endpoint is off.
+    pub metrics_address: Option<String>,
     /// Which filesystem backend stores the snapshots. Default btrfs.
     pub backend: BackendKind,
     /// Options of the btrfs backend.
@@ -115,6 +118,7 @@ impl Default for Config {
             root: PathBuf::from(DEFAULT_ROOT),
             address: PathBuf::from(DEFAULT_ADDRESS),
             log_level: None,
+            metrics_address: None,
             backend: BackendKind::default(),
             btrfs: BtrfsConfig::default(),
             embedded: EmbeddedConfig::default(),
@@ -549,6 +553,9 @@ address = "/run/cowsnap/cowsnap.sock"
 # Unset means "info".
 # log_level = "info"
 
+# Prometheus metrics endpoint (GET /metrics), as host:port. Off when unset.
+# metrics_address = "127.0.0.1:9337"
+
 # Filesystem backend: "btrfs". ("zfs" is reserved for a later release.)
 backend = "btrfs"
 
@@ -655,9 +662,11 @@ mod tests {
         // write) must still be spelt correctly.
         let uncommented = Config::example_toml()
             .replace("# log_level = ", "log_level = ")
-            .replace("# image = ", "image = ");
+            .replace("# image = ", "image = ")
+            .replace("# metrics_address = ", "metrics_address = ");
         let config = parse(&uncommented).expect("uncommented example parses");
         assert_eq!(config.log_level.as_deref(), Some("info"));
+        assert_eq!(config.metrics_address.as_deref(), Some("127.0.0.1:9337"));
         assert_eq!(
             config.embedded.image.as_deref(),
             Some(Path::new("/var/lib/cowsnap.img"))

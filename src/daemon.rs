@@ -84,6 +84,9 @@ async fn serve(cfg: Config) -> Result<embedded::EmbeddedRoot, DaemonError> {
     info!(backend = %core.describe_backend(), "snapshotter ready");
     let core = Arc::new(core);
 
+    if let Some(addr) = &cfg.metrics_address {
+        crate::metrics::serve(addr, core.clone()).await?;
+    }
     let listener = bind_socket(&cfg.address)?;
     let incoming = UnixListenerStream::new(listener);
     info!(

@@ -98,6 +98,7 @@ pub(crate) async fn run_blocking<T: Send + 'static>(
     .await
     .map_err(|e| Status::internal(format!("{op}: worker failed: {e}")))?;
     let elapsed = start.elapsed();
+    crate::metrics::observe_call(op, elapsed, out.as_ref().err().map(Error::code));
     match out {
         Ok(v) => {
             debug!(op, ?elapsed, "ok");

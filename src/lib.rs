@@ -26,6 +26,7 @@ pub mod grpc;
 pub mod inventory;
 pub mod keylock;
 pub mod meta;
+pub mod metrics;
 pub mod model;
 pub mod snapshotter;
 

@@ -457,6 +457,7 @@ impl Snapshotter {
             }
         }
         report.stale_accounting_removed = self.backend.cleanup(&live)?.stale_accounting_removed;
+        crate::metrics::observe_cleanup(&report);
         Ok(report)
     }
 
@@ -523,6 +524,7 @@ impl Snapshotter {
         self.meta.repair(&drop_keys, next)?;
         self.next_id.store(next, Ordering::SeqCst);
         report.records_dropped = drop_keys;
+        crate::metrics::observe_repair(&report);
         Ok(report)
     }
 
