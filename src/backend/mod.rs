@@ -10,6 +10,7 @@
 //! clones of `@` snapshots, `readonly=on`) alike.
 
 pub mod btrfs;
+pub mod sync_batch;
 
 use crate::error::{Error, Result};
 use crate::meta::ObjectRef;

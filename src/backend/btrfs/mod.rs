@@ -31,6 +31,7 @@ use nix::sys::stat::Mode;
 use tracing::{info, warn};
 
 use self::ioctl::{QuotaMode, SubvolId};
+use crate::backend::sync_batch::SyncBatcher;
 use crate::backend::{
     AccountingState, Backend, BackendCleanup, FilesystemSpace, FoundObject, ObjectSpace,
 };
@@ -48,6 +49,8 @@ pub struct BtrfsBackend {
     root_fd: OwnedFd,
     areas: [(Kind, OwnedFd); 3],
     quota: QuotaMode,
+    /// Concurrent commits share filesystem syncs.
+    syncs: SyncBatcher,
 }
 
 impl BtrfsBackend {
@@ -83,6 +86,7 @@ impl BtrfsBackend {
             root_fd,
             areas,
             quota,
+            syncs: SyncBatcher::default(),
         })
     }
 
@@ -206,8 +210,11 @@ impl Backend for BtrfsBackend {
         let to = self.path_of(Kind::Committed, obj.id);
         let fd = open_dir(&from)?;
         // Durability first: the read-only flag does not write back dirty
-        // data (see docs/design.md, "Durability").
-        ioctl::sync_fs(fd.as_fd()).context(|| format!("syncfs {}", from.display()))?;
+        // data (see docs/design.md, "Durability"). Concurrent commits share
+        // one syncfs that started after all of their writes.
+        self.syncs
+            .sync(|| ioctl::sync_fs(fd.as_fd()).map_err(std::io::Error::from))
+            .context(|| format!("syncfs {}", from.display()))?;
         renameat(
             self.area_fd(Kind::Active),
             name.as_str(),
