@@ -23,6 +23,7 @@ pub mod error;
 pub mod failpoint;
 pub mod filter;
 pub mod grpc;
+pub mod idmap;
 pub mod inventory;
 pub mod keylock;
 pub mod meta;

@@ -39,6 +39,7 @@ use crate::backend::{Backend, FoundObject};
 use crate::error::{Error, Result};
 use crate::failpoint;
 use crate::filter::{FilterSet, SnapshotFields};
+use crate::idmap::IdMapping;
 use crate::keylock::KeyLocks;
 use crate::meta::{MetaStore, Record, remove_with_children};
 use crate::model::{
@@ -143,6 +144,7 @@ impl Snapshotter {
         validate_key("key", key)?;
         let labels = normalize_labels(labels);
         validate_labels(&labels)?;
+        let idmap = IdMapping::from_labels(&labels)?;
         let limit = match labels.get(MAX_SIZE_LABEL) {
             Some(v) => Some(parse_size_label(v)?),
             None => None,
@@ -216,7 +218,22 @@ impl Snapshotter {
         self.creating_done(id);
         failpoint::hit("create.after_meta")?;
         debug!(key = %truncate_for_message(key), id = %id, %kind, "created");
-        self.backend.mounts(&object, kind)
+        self.mounts_of(&record.object, kind, idmap.as_ref())
+    }
+
+    /// The backend's mounts of an object, with the id mapping applied.
+    fn mounts_of(
+        &self,
+        obj: &crate::meta::ObjectRef,
+        kind: Kind,
+        idmap: Option<&IdMapping>,
+    ) -> Result<Vec<Mount>> {
+        let mut mounts = self.backend.mounts(obj, kind)?;
+        if let Some(m) = idmap {
+            // Views are read-only objects on every backend.
+            m.apply(&mut mounts, kind == Kind::View);
+        }
+        Ok(mounts)
     }
 
     /// Commits the active snapshot `key` as `name`, with `labels`.
@@ -336,7 +353,9 @@ impl Snapshotter {
                 truncate_for_message(key)
             )));
         }
-        self.backend.mounts(&record.object, record.kind)
+        // The labels were validated when the snapshot was created.
+        let idmap = IdMapping::from_labels(&record.labels).ok().flatten();
+        self.mounts_of(&record.object, record.kind, idmap.as_ref())
     }
 
     /// Updates the mutable fields (labels) of `info.name`, as containerd

@@ -434,3 +434,89 @@ async fn keys_are_never_paths() {
     assert!(d.stop());
     assert_eq!(d.check_consistent(), (7, 7));
 }
+
+#[tokio::test]
+async fn id_mapping_labels_become_idmap_mount_options() {
+    let d = Daemon::start().await;
+    let mut c = d.client().await;
+    prepare(&mut c, "base-x", "").await.unwrap();
+    commit(&mut c, "base", "base-x").await.unwrap();
+    let mapping = labels(&[
+        ("containerd.io/snapshot/uidmapping", "0:100000:65536"),
+        ("containerd.io/snapshot/gidmapping", "0:100000:65536"),
+    ]);
+    let m = c
+        .prepare(pb::PrepareSnapshotRequest {
+            key: "ctr".into(),
+            parent: "base".into(),
+            labels: mapping.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .mounts;
+    assert_eq!(
+        m[0].options,
+        [
+            "rbind",
+            "rw",
+            "uidmap=0:100000:65536",
+            "gidmap=0:100000:65536"
+        ]
+    );
+    let again = c
+        .mounts(pb::MountsRequest {
+            key: "ctr".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .mounts;
+    assert_eq!(again, m, "Mounts answers the same as Prepare");
+
+    // A view keeps read-only through its subvolume, not the option that
+    // would stop containerd from idmapping it.
+    let v = c
+        .view(pb::ViewSnapshotRequest {
+            key: "v".into(),
+            parent: "base".into(),
+            labels: mapping,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .mounts;
+    assert_eq!(
+        v[0].options,
+        ["rbind", "uidmap=0:100000:65536", "gidmap=0:100000:65536"]
+    );
+    let err = std::fs::write(mount_dir(&v).join("x"), b"x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS));
+
+    for bad in [
+        labels(&[("containerd.io/snapshot/uidmapping", "0:100000:65536")]),
+        labels(&[
+            ("containerd.io/snapshot/uidmapping", "0:100000"),
+            ("containerd.io/snapshot/gidmapping", "0:100000:65536"),
+        ]),
+    ] {
+        let e = c
+            .prepare(pb::PrepareSnapshotRequest {
+                key: "bad".into(),
+                parent: "base".into(),
+                labels: bad,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert_eq!(
+            stat(&mut c, "bad").await.unwrap_err().code(),
+            Code::NotFound,
+            "nothing created"
+        );
+    }
+}
