@@ -15,6 +15,7 @@
 
 pub mod admin;
 pub mod backend;
+pub mod cli;
 pub mod client;
 pub mod config;
 pub mod daemon;

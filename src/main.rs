@@ -1,18 +1,30 @@
-//! The `cowsnap` command: the daemon and (later) its tools. A thin adapter
-//! over the library.
+//! The `cowsnap` command: the daemon and the operator tools. A thin adapter
+//! over the library (the tools are in `cowsnap::cli`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
+use cowsnap::cli::{AdminCommand, ClientArgs, ClientOptions};
 use cowsnap::config::Config;
 
 /// A copy-on-write snapshotter for containerd on btrfs.
 #[derive(Parser)]
-#[command(version, about, long_about = None)]
+#[command(
+    version,
+    about,
+    long_about = "A copy-on-write snapshotter for containerd on btrfs.\n\n\
+        `cowsnap serve` runs the daemon; the other commands talk to a running daemon \
+        over its socket (--address) and print tables, or one JSON document with --json.",
+    after_help = "Exit status: 0 success; 1 the daemon could not be reached or refused \
+        (its message on stderr); 2 bad usage or configuration; 3 `check`/`cleanup` left \
+        something unrepaired."
+)]
 struct Cli {
+    #[command(flatten)]
+    client: ClientArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -35,6 +47,22 @@ enum Command {
     },
     /// Print an example configuration file documenting every option.
     ExampleConfig,
+    #[command(flatten)]
+    Admin(AdminCommand),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    #[command(after_help = "Examples:\n  \
+        cowsnap completions bash > /etc/bash_completion.d/cowsnap\n  \
+        cowsnap completions zsh > \"${fpath[1]}/_cowsnap\"\n  \
+        cowsnap completions fish > ~/.config/fish/completions/cowsnap.fish")]
+    Completions(CompletionsArgs),
+}
+
+/// `completions` arguments.
+#[derive(Args)]
+struct CompletionsArgs {
+    /// The shell to complete for.
+    #[arg(value_enum)]
+    shell: clap_complete::Shell,
 }
 
 fn main() -> ExitCode {
@@ -70,6 +98,18 @@ fn main() -> ExitCode {
             print!("{}", Config::example_toml());
             ExitCode::SUCCESS
         }
+        Command::Admin(command) => {
+            cowsnap::cli::run(&ClientOptions::from_args(&cli.client), command)
+        }
+        Command::Completions(args) => {
+            clap_complete::generate(
+                args.shell,
+                &mut Cli::command(),
+                "cowsnap",
+                &mut std::io::stdout(),
+            );
+            ExitCode::SUCCESS
+        }
     }
 }
 
@@ -83,4 +123,45 @@ fn init_logging(level: Option<&str>) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_line_definition_is_consistent() {
+        // clap's own checks (unique names, valid defaults, ...), which
+        // otherwise only run when a command is parsed in a debug build.
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn serve_keeps_its_own_address_option() {
+        let cli = Cli::try_parse_from(["cowsnap", "serve", "--address", "/x.sock"]).unwrap();
+        match cli.command {
+            Command::Serve { address, .. } => assert_eq!(address, Some("/x.sock".into())),
+            _ => panic!("not serve"),
+        }
+        // Without the option, serve leaves the choice to the config file
+        // (the operator commands' default must not leak into it).
+        let cli = Cli::try_parse_from(["cowsnap", "serve"]).unwrap();
+        match cli.command {
+            Command::Serve { address, .. } => assert_eq!(address, None),
+            _ => panic!("not serve"),
+        }
+    }
+
+    #[test]
+    fn operator_options_go_before_or_after_the_command() {
+        for args in [
+            &["cowsnap", "--json", "--address", "/a", "ls", "-q"][..],
+            &["cowsnap", "ls", "-q", "--json", "--address", "/a"],
+        ] {
+            let cli = Cli::try_parse_from(args).unwrap();
+            assert!(cli.client.json, "{args:?}");
+            assert_eq!(cli.client.address, Some("/a".into()), "{args:?}");
+            assert!(matches!(cli.command, Command::Admin(AdminCommand::Ls(_))));
+        }
+    }
 }
