@@ -68,7 +68,7 @@ pub fn snapshot_to_pb(d: Detail) -> pb::Snapshot {
         space: d.space.map(|s| pb::Space {
             exclusive_bytes: s.exclusive,
             referenced_bytes: s.referenced,
-            inodes: committed.inodes,
+            inodes: d.inodes.unwrap_or(committed.inodes),
             committed_bytes: committed.size,
         }),
         limit_bytes: r.limit.unwrap_or(0),

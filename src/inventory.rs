@@ -26,6 +26,9 @@ pub struct Detail {
     pub record: Record,
     /// Live space figures, when asked for.
     pub space: Option<ObjectSpace>,
+    /// Inodes created beyond the parent: measured live for an active
+    /// snapshot or view by `inspect`, else the figure recorded at commit.
+    pub inodes: Option<u64>,
     /// Number of children.
     pub children: u64,
     /// Where the object is.
@@ -109,6 +112,7 @@ impl Snapshotter {
             None
         };
         Ok(Detail {
+            inodes: record.usage.map(|u| u.inodes),
             location: self.backend.location(&record.object, record.kind),
             children: children.get(&record.id).copied().unwrap_or(0),
             key,
@@ -186,7 +190,12 @@ impl Snapshotter {
     pub fn inspect(&self, reference: &str) -> Result<Detail> {
         let (key, record) = self.resolve(reference)?;
         let children = self.meta.children_counts()?;
-        self.detail(key, record, &children, true)
+        let kind = record.kind;
+        let mut d = self.detail(key, record, &children, true)?;
+        if kind != Kind::Committed {
+            d.inodes = Some(self.backend.usage(&d.record.object, kind)?.inodes);
+        }
+        Ok(d)
     }
 
     /// Counts and accounting state.
