@@ -12,6 +12,13 @@
 #   CONFORMANCE_PARALLEL  cases run at once (-test.parallel), default 4
 #   CONFORMANCE_TIMEOUT   whole-run limit (-test.timeout), default 30m
 #   RUST_LOG              passed through to the daemons
+#   CONFORMANCE_ZPOOL     run on ZFS instead: each case's daemon gets
+#                         backend = "zfs" and its own dataset under
+#                         <pool>/cowsnap-conformance-<pid> (destroyed at exit)
+#   CONFORMANCE_BUILD_ONLY=FILE  only build the Go test binary into FILE
+#   CONFORMANCE_TEST_BIN=FILE    run this prebuilt test binary (no Go, no
+#                         package installs: how hack/vm-test runs it in its
+#                         guest)
 #
 # Needs root (loop devices, mounts, chown). Installs its Debian packages if
 # they are missing, builds the Go test in GOPATH mode against
@@ -30,8 +37,14 @@ if (($# > 0)) && [[ $1 != -* ]]; then
 	shift
 fi
 [[ $bin == /* ]] || bin=$PWD/$bin
-[[ -f $bin && -x $bin ]] || die "no cowsnap binary at $bin (cargo build first, or pass its path)"
-(($(id -u) == 0)) || die "must run as root (loop devices, mounts, chown)"
+build_only=${CONFORMANCE_BUILD_ONLY:-}
+prebuilt=${CONFORMANCE_TEST_BIN:-}
+zpool=${CONFORMANCE_ZPOOL:-}
+if [[ -z $build_only ]]; then
+	[[ -f $bin && -x $bin ]] || die "no cowsnap binary at $bin (cargo build first, or pass its path)"
+	(($(id -u) == 0)) || die "must run as root (loop devices, mounts, chown)"
+fi
+[[ -z $prebuilt || -x $prebuilt ]] || die "CONFORMANCE_TEST_BIN=$prebuilt is not an executable"
 parallel=${CONFORMANCE_PARALLEL:-4}
 timeout=${CONFORMANCE_TIMEOUT:-30m}
 
@@ -43,6 +56,7 @@ pkgs=(golang-go golang-github-containerd-containerd-dev golang-google-grpc-dev
 	btrfs-progs mount util-linux)
 missing=()
 for p in "${pkgs[@]}"; do
+	[[ -n $prebuilt ]] && break # nothing to build, and maybe no dpkg
 	dpkg-query -W -f='${db:Status-Abbrev}' "$p" 2>/dev/null | grep -q '^ii' || missing+=("$p")
 done
 if ((${#missing[@]})); then
@@ -53,12 +67,15 @@ if ((${#missing[@]})); then
 		apt-get install -y -q --no-install-recommends "${missing[@]}"
 	fi
 fi
-grep -qw btrfs /proc/filesystems || modprobe btrfs || die "kernel has no btrfs"
+if [[ -z $build_only && -z $zpool ]]; then
+	grep -qw btrfs /proc/filesystems || modprobe btrfs || die "kernel has no btrfs"
+fi
 
 # --- teardown (always) ------------------------------------------------------
 tmp=
 loopdev=
 summary=
+dataset=
 
 # PIDs of processes whose command line mentions this run's temp dir: the
 # cowsnap daemons (--root/--address under it) and the test binary.
@@ -104,6 +121,9 @@ cleanup() {
 				umount "$m" 2>/dev/null || umount -l "$m" || log "warning: cannot unmount $m"
 			done <<<"$m"
 		done
+		if [[ -n $dataset ]] && [[ -z $(our_mounts) ]]; then
+			zfs destroy -r "$dataset" || log "warning: cannot destroy $dataset"
+		fi
 		# Our loop device, and any the daemon set up on files under $tmp.
 		[[ -n $loopdev ]] && losetup -d "$loopdev" 2>/dev/null
 		losetup -ln -O NAME,BACK-FILE | awk -v p="$tmp/" 'index($2, p) == 1 { print $1 }' |
@@ -126,23 +146,42 @@ tmp=$(mktemp -d "${TMPDIR:-/tmp}/cowsnap-conformance.XXXXXX")
 log "work dir $tmp"
 
 # --- build the Go test (GOPATH mode, Debian's Go sources) -------------------
-pkgdir=$tmp/gopath/src/cowsnap/conformance
-mkdir -p "$pkgdir"
-cp "$repo"/tests/conformance/*.go "$pkgdir"/
-export GOPATH="$tmp/gopath:/usr/share/gocode" GO111MODULE=off GOFLAGS= GOPROXY=off
-export GOCACHE=${GOCACHE:-${HOME:-/root}/.cache/cowsnap-conformance/go-build}
-log "building the test with $(go version)"
-(cd "$pkgdir" && go vet . && go test -c -o "$tmp/conformance.test" .)
+testbin=$tmp/conformance.test
+if [[ -n $prebuilt ]]; then
+	testbin=$prebuilt
+else
+	pkgdir=$tmp/gopath/src/cowsnap/conformance
+	mkdir -p "$pkgdir"
+	cp "$repo"/tests/conformance/*.go "$pkgdir"/
+	export GOPATH="$tmp/gopath:/usr/share/gocode" GO111MODULE=off GOFLAGS= GOPROXY=off
+	export GOCACHE=${GOCACHE:-${HOME:-/root}/.cache/cowsnap-conformance/go-build}
+	log "building the test with $(go version)"
+	(cd "$pkgdir" && go vet . && go test -c -o "$testbin" .)
+	if [[ -n $build_only ]]; then
+		cp "$testbin" "$build_only"
+		log "built $build_only"
+		exit 0
+	fi
+fi
 
-# --- scratch btrfs ----------------------------------------------------------
-img=$tmp/btrfs.img
+# --- scratch filesystem -----------------------------------------------------
 mnt=$tmp/mnt
-truncate -s 4G "$img"
-mkfs.btrfs -q "$img" >/dev/null
-loopdev=$(losetup --find --show "$img")
-mkdir -p "$mnt"
-mount -t btrfs "$loopdev" "$mnt"
-log "btrfs scratch on $loopdev at $mnt"
+if [[ -n $zpool ]]; then
+	# ZFS: the roots hold only metadata; the datasets go under $dataset.
+	dataset=$zpool/cowsnap-conformance-$$
+	zfs create -o mountpoint=none "$dataset"
+	export COWSNAP_ZFS_PARENT=$dataset
+	mkdir -p "$mnt"
+	log "zfs scratch: datasets under $dataset"
+else
+	img=$tmp/btrfs.img
+	truncate -s 4G "$img"
+	mkfs.btrfs -q "$img" >/dev/null
+	loopdev=$(losetup --find --show "$img")
+	mkdir -p "$mnt"
+	mount -t btrfs "$loopdev" "$mnt"
+	log "btrfs scratch on $loopdev at $mnt"
+fi
 mkdir -p "$mnt/t" "$tmp/logs"
 
 # --- run ----------------------------------------------------------------------
@@ -153,7 +192,7 @@ set +e
 (
 	cd "$tmp"
 	export TMPDIR=$mnt/t COWSNAP_BIN=$bin COWSNAP_LOG_DIR=$tmp/logs
-	exec "$tmp/conformance.test" -test.v -test.parallel "$parallel" -test.timeout "$timeout" "$@"
+	exec "$testbin" -test.v -test.parallel "$parallel" -test.timeout "$timeout" "$@"
 ) 2>&1 | tee "$tmp/test.log" &
 wait $!
 rc=$?

@@ -209,4 +209,32 @@ impl pb::admin_server::Admin for AdminService {
         .await?;
         Ok(Response::new(snapshot_to_pb(d)))
     }
+
+    type ExportStream = crate::transfer::server::ExportStream;
+
+    async fn export(
+        &self,
+        request: Request<pb::ExportRequest>,
+    ) -> Result<Response<Self::ExportStream>, Status> {
+        let stream = crate::transfer::server::export_stream(
+            self.core.clone(),
+            self.in_flight.clone(),
+            request.into_inner(),
+        )
+        .await?;
+        Ok(Response::new(stream))
+    }
+
+    async fn import(
+        &self,
+        request: Request<tonic::Streaming<pb::ImportChunk>>,
+    ) -> Result<Response<pb::Snapshot>, Status> {
+        let d = crate::transfer::server::import_stream(
+            self.core.clone(),
+            self.in_flight.clone(),
+            request.into_inner(),
+        )
+        .await?;
+        Ok(Response::new(snapshot_to_pb(d)))
+    }
 }

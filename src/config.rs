@@ -88,9 +88,10 @@ pub enum ConfigError {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// Directory holding the snapshots and the metadata database. It must be
-    /// on btrfs, or the embedded image is mounted on it (see
-    /// [`EmbeddedConfig`]). Default [`DEFAULT_ROOT`].
+    /// Directory holding the metadata database and, with the btrfs backend,
+    /// the snapshots. For btrfs it must be on btrfs, or the embedded image is
+    /// mounted on it (see [`EmbeddedConfig`]); for ZFS it holds only the
+    /// metadata. Default [`DEFAULT_ROOT`].
     pub root: PathBuf,
     /// Path of the Unix socket serving containerd's snapshots API. Default
     /// [`DEFAULT_ADDRESS`].
@@ -108,6 +109,8 @@ pub struct Config {
     pub backend: BackendKind,
     /// Options of the btrfs backend.
     pub btrfs: BtrfsConfig,
+    /// Options of the ZFS backend.
+    pub zfs: ZfsConfig,
     /// Options of the embedded loop image used when the root is not on btrfs.
     pub embedded: EmbeddedConfig,
 }
@@ -121,6 +124,7 @@ impl Default for Config {
             metrics_address: None,
             backend: BackendKind::default(),
             btrfs: BtrfsConfig::default(),
+            zfs: ZfsConfig::default(),
             embedded: EmbeddedConfig::default(),
         }
     }
@@ -133,9 +137,7 @@ pub enum BackendKind {
     /// btrfs subvolumes and snapshots.
     #[default]
     Btrfs,
-    /// ZFS datasets and clones. Accepted by the parser so that configuration
-    /// files can name it, but [`Config::validate`] rejects it until a build
-    /// ships the backend.
+    /// ZFS datasets and clones under `zfs.dataset`.
     Zfs,
 }
 
@@ -154,6 +156,16 @@ impl fmt::Display for BackendKind {
 pub struct BtrfsConfig {
     /// Which kind of btrfs quota accounting tracks snapshot usage.
     pub quota: QuotaSetting,
+}
+
+/// Options of the ZFS backend.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ZfsConfig {
+    /// The parent dataset (`pool/cowsnap`) under which cowsnap keeps one
+    /// dataset per snapshot. Required with `backend = "zfs"`; created when
+    /// missing if its own parent exists.
+    pub dataset: Option<String>,
 }
 
 /// The `btrfs.quota` option: which quota accounting to enable.
@@ -414,8 +426,8 @@ impl Config {
     /// it was started from), the root is not `/`, the image is not inside the
     /// root (mounting the image on the root would hide it), the socket path
     /// fits a Unix socket address, the image is large enough for
-    /// `mkfs.btrfs`, and the backend is available in this build. Reports the
-    /// first problem found.
+    /// `mkfs.btrfs`, and the ZFS backend has a well-formed `zfs.dataset`.
+    /// Reports the first problem found.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |option, reason: String| Err(ConfigError::Invalid { option, reason });
 
@@ -449,10 +461,19 @@ impl Config {
             );
         }
         if self.backend == BackendKind::Zfs {
-            return invalid(
-                "backend",
-                "the zfs backend is not available in this build".to_owned(),
-            );
+            match &self.zfs.dataset {
+                None => {
+                    return invalid(
+                        "zfs.dataset",
+                        "the zfs backend needs a parent dataset, e.g. \"tank/cowsnap\"".to_owned(),
+                    );
+                }
+                Some(dataset) => {
+                    if let Err(reason) = crate::backend::zfs::cmd::validate_dataset_name(dataset) {
+                        return invalid("zfs.dataset", reason);
+                    }
+                }
+            }
         }
         if let Some(image) = &self.embedded.image {
             if !image.is_absolute() {
@@ -537,8 +558,9 @@ const EXAMPLE_TOML: &str = r#"# cowsnap configuration: /etc/cowsnap/config.toml
 # `cowsnap serve --root DIR --address SOCKET --config FILE` flags override
 # this file. Unknown keys are an error, so a misspelt option is reported.
 
-# Directory holding the snapshots and the metadata. It must be on btrfs, or
-# cowsnap mounts the embedded image on it (see [embedded] below).
+# Directory holding the metadata and, with the btrfs backend, the snapshots.
+# For btrfs it must be on btrfs, or cowsnap mounts the embedded image on it
+# (see [embedded] below). For ZFS it holds only the metadata.
 root = "/var/lib/cowsnap"
 
 # Unix socket serving containerd's snapshots API. Point containerd at it with
@@ -556,7 +578,8 @@ address = "/run/cowsnap/cowsnap.sock"
 # Prometheus metrics endpoint (GET /metrics), as host:port. Off when unset.
 # metrics_address = "127.0.0.1:9337"
 
-# Filesystem backend: "btrfs". ("zfs" is reserved for a later release.)
+# Filesystem backend: "btrfs" (subvolumes under the root) or "zfs"
+# (datasets under zfs.dataset, see [zfs] below).
 backend = "btrfs"
 
 [btrfs]
@@ -569,7 +592,14 @@ backend = "btrfs"
 #            filesystems
 quota = "auto"
 
+[zfs]
+# The parent dataset for backend = "zfs": cowsnap keeps its datasets in
+# <dataset>/active, /view and /committed (mountpoint=legacy). Created when
+# missing if its pool or parent dataset exists. No default.
+# dataset = "tank/cowsnap"
+
 [embedded]
+# Used with the btrfs backend only.
 # When the root is not on btrfs, create a sparse btrfs image file, mount it
 # (through a loop device) on the root, and reuse it on later starts. Set to
 # false to require a root that is already on btrfs.
@@ -663,6 +693,7 @@ mod tests {
         let uncommented = Config::example_toml()
             .replace("# log_level = ", "log_level = ")
             .replace("# image = ", "image = ")
+            .replace("# dataset = ", "dataset = ")
             .replace("# metrics_address = ", "metrics_address = ");
         let config = parse(&uncommented).expect("uncommented example parses");
         assert_eq!(config.log_level.as_deref(), Some("info"));
@@ -964,14 +995,24 @@ mod tests {
     }
 
     #[test]
-    fn validate_rejects_zfs_backend() {
+    fn zfs_backend_needs_a_well_formed_dataset() {
         let config = parse("backend = \"zfs\"\n").expect("zfs parses");
         assert_eq!(config.backend, BackendKind::Zfs);
-        let err = config.validate().expect_err("zfs is rejected");
-        assert_eq!(
-            err.to_string(),
-            "invalid configuration: backend: the zfs backend is not available in this build"
-        );
+        let (option, reason) = invalid_option(&config);
+        assert_eq!(option, "zfs.dataset");
+        assert!(reason.contains("needs a parent dataset"), "{reason}");
+
+        let config =
+            parse("backend = \"zfs\"\n[zfs]\ndataset = \"tank/cowsnap\"\n").expect("parse");
+        assert_eq!(config.zfs.dataset.as_deref(), Some("tank/cowsnap"));
+        config.validate().expect("a dataset makes zfs valid");
+
+        let config =
+            parse("backend = \"zfs\"\n[zfs]\ndataset = \"/tank/cowsnap\"\n").expect("parse");
+        assert_eq!(invalid_option(&config).0, "zfs.dataset");
+        // The btrfs backend ignores the zfs section.
+        let config = parse("[zfs]\ndataset = \"tank/x\"\n").expect("parse");
+        config.validate().expect("btrfs ignores zfs.dataset");
     }
 
     #[test]

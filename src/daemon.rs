@@ -15,7 +15,9 @@ use tokio_stream::wrappers::UnixListenerStream;
 use tracing::{error, info, warn};
 
 use crate::admin::AdminService;
+use crate::backend::Backend;
 use crate::backend::btrfs::BtrfsBackend;
+use crate::backend::zfs::ZfsBackend;
 use crate::config::{BackendKind, Config};
 use crate::embedded::{self, RootSetup};
 use crate::grpc::SnapshotsService;
@@ -39,43 +41,34 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     // Calls in flight already finished; this drops idle connections and,
     // with them, the last references to the core.
     rt.shutdown_timeout(Duration::from_secs(5));
-    let embedded_root = result?;
-    embedded_root.release();
+    if let Some(embedded_root) = result? {
+        embedded_root.release();
+    }
     info!("stopped");
     Ok(())
 }
 
-/// Serves until a termination signal; returns the embedded root for the
-/// caller to release once nothing uses the filesystem any more.
-async fn serve(cfg: Config) -> Result<embedded::EmbeddedRoot, DaemonError> {
+/// Serves until a termination signal; returns the embedded root (btrfs
+/// backend) for the caller to release once nothing uses the filesystem any
+/// more.
+async fn serve(cfg: Config) -> Result<Option<embedded::EmbeddedRoot>, DaemonError> {
     let started = Instant::now();
+    // First of all: a SIGTERM during startup (repair, mounting the image)
+    // or right after READY must shut down cleanly, not kill the daemon.
+    let terminated = termination_signal();
     cfg.validate()?;
-    if cfg.backend != BackendKind::Btrfs {
-        return Err("only the btrfs backend is available in this build".into());
-    }
-
-    let image = cfg.embedded_image_path();
-    let (embedded_root, setup) = embedded::ensure_btrfs_root(&cfg.root, &cfg.embedded, &image)?;
-    match &setup {
-        RootSetup::AlreadyBtrfs => info!(root = %cfg.root.display(), "root is on btrfs"),
-        RootSetup::MountedExisting { image } => {
-            info!(root = %cfg.root.display(), image = %image.display(), "mounted the existing embedded btrfs image on the root")
+    let (embedded_root, backend) = match cfg.backend {
+        BackendKind::Btrfs => {
+            let (root, backend) = open_btrfs(&cfg).await?;
+            (Some(root), backend)
         }
-        RootSetup::CreatedAndMounted { image, size } => info!(
-            root = %cfg.root.display(), image = %image.display(), size,
-            "root was not on btrfs: created a sparse btrfs image and mounted it on the root"
-        ),
-    }
-    fs::set_permissions(&cfg.root, fs::Permissions::from_mode(0o700))
-        .map_err(|e| format!("chmod 0700 {}: {e}", cfg.root.display()))?;
+        BackendKind::Zfs => (None, open_zfs(&cfg).await?),
+    };
 
     let root = cfg.root.clone();
-    let quota = cfg.btrfs.quota;
-    let (core, report) = tokio::task::spawn_blocking(move || {
-        let backend = BtrfsBackend::open(&root, quota)?;
-        Snapshotter::open(&root, Box::new(backend))
-    })
-    .await??;
+    let (core, report) =
+        tokio::task::spawn_blocking(move || Snapshotter::open(&root, backend)).await??;
+
     if report.is_clean() {
         info!("startup check: metadata and filesystem agree");
     } else {
@@ -109,7 +102,7 @@ async fn serve(cfg: Config) -> Result<embedded::EmbeddedRoot, DaemonError> {
     );
     let served = tokio::select! {
         r = &mut server => Some(r),
-        () = termination_signal() => None,
+        () = terminated => None,
     };
     let served = match served {
         Some(r) => r,
@@ -150,21 +143,64 @@ async fn serve(cfg: Config) -> Result<embedded::EmbeddedRoot, DaemonError> {
     Ok(embedded_root)
 }
 
-/// Waits for SIGTERM or SIGINT.
-async fn termination_signal() {
-    let (mut term, mut int) = match (
+/// Sets up the btrfs root (mounting the embedded image where the root is
+/// not on btrfs) and opens the btrfs backend on it.
+async fn open_btrfs(
+    cfg: &Config,
+) -> Result<(embedded::EmbeddedRoot, Box<dyn Backend>), DaemonError> {
+    let image = cfg.embedded_image_path();
+    let (embedded_root, setup) = embedded::ensure_btrfs_root(&cfg.root, &cfg.embedded, &image)?;
+    match &setup {
+        RootSetup::AlreadyBtrfs => info!(root = %cfg.root.display(), "root is on btrfs"),
+        RootSetup::MountedExisting { image } => {
+            info!(root = %cfg.root.display(), image = %image.display(), "mounted the existing embedded btrfs image on the root")
+        }
+        RootSetup::CreatedAndMounted { image, size } => info!(
+            root = %cfg.root.display(), image = %image.display(), size,
+            "root was not on btrfs: created a sparse btrfs image and mounted it on the root"
+        ),
+    }
+    fs::set_permissions(&cfg.root, fs::Permissions::from_mode(0o700))
+        .map_err(|e| format!("chmod 0700 {}: {e}", cfg.root.display()))?;
+    let root = cfg.root.clone();
+    let quota = cfg.btrfs.quota;
+    let backend = tokio::task::spawn_blocking(move || BtrfsBackend::open(&root, quota)).await??;
+    Ok((embedded_root, Box::new(backend)))
+}
+
+/// Creates the root directory (it holds only the metadata) and opens the
+/// ZFS backend on `zfs.dataset`.
+async fn open_zfs(cfg: &Config) -> Result<Box<dyn Backend>, DaemonError> {
+    fs::create_dir_all(&cfg.root)
+        .map_err(|e| format!("creating the root {}: {e}", cfg.root.display()))?;
+    fs::set_permissions(&cfg.root, fs::Permissions::from_mode(0o700))
+        .map_err(|e| format!("chmod 0700 {}: {e}", cfg.root.display()))?;
+    let dataset = cfg.zfs.dataset.clone().ok_or("zfs.dataset is not set")?;
+    let backend = tokio::task::spawn_blocking(move || ZfsBackend::open(&dataset)).await??;
+    Ok(Box::new(backend))
+}
+
+/// Takes over SIGTERM and SIGINT now and returns a future that completes
+/// on either. Called first thing in `serve`: a supervisor may send SIGTERM
+/// at any moment, and until the handlers are registered that signal's
+/// default action would kill the daemon mid-startup.
+fn termination_signal() -> impl std::future::Future<Output = ()> {
+    let signals = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) {
-        (Ok(t), Ok(i)) => (t, i),
-        (Err(e), _) | (_, Err(e)) => {
-            error!(error = %e, "cannot listen for termination signals");
-            return std::future::pending().await;
+    );
+    async move {
+        let (mut term, mut int) = match signals {
+            (Ok(t), Ok(i)) => (t, i),
+            (Err(e), _) | (_, Err(e)) => {
+                error!(error = %e, "cannot listen for termination signals");
+                return std::future::pending().await;
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM: finishing in-flight calls"),
+            _ = int.recv() => info!("SIGINT: finishing in-flight calls"),
         }
-    };
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM: finishing in-flight calls"),
-        _ = int.recv() => info!("SIGINT: finishing in-flight calls"),
     }
 }
 

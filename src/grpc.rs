@@ -112,16 +112,24 @@ pub(crate) async fn run_blocking<T: Send + 'static>(
             ) {
                 warn!(op, ?elapsed, error = %e, code = ?st.code(), "failed");
             } else {
-                debug!(op, ?elapsed, error = %e, code = ?st.code(), "refused");
+                // The clipped message: a refusal may quote a huge input.
+                debug!(op, ?elapsed, error = st.message(), code = ?st.code(), "refused");
             }
             Err(st)
         }
     }
 }
 
+/// Longest status message sent. The message travels in an HTTP/2 header,
+/// and an error may quote what the client sent (a 1 MiB filter string, for
+/// one): unbounded, it would exceed what clients accept in a header block
+/// (16 KiB by default), and the client would see ResourceExhausted instead
+/// of the real code.
+pub const MAX_STATUS_MESSAGE: usize = 1024;
+
 /// The one conversion from a core error to a gRPC status.
 pub fn status(op: &str, e: &Error) -> Status {
-    let msg = format!("{op}: {e}");
+    let msg = clip_message(format!("{op}: {e}"));
     match e.code() {
         Code::NotFound => Status::not_found(msg),
         Code::AlreadyExists => Status::already_exists(msg),
@@ -132,6 +140,22 @@ pub fn status(op: &str, e: &Error) -> Status {
         Code::Internal => Status::internal(msg),
         Code::Unavailable => Status::unavailable(msg),
     }
+}
+
+/// Cuts `msg` to [`MAX_STATUS_MESSAGE`] bytes on a character boundary,
+/// saying how long it was.
+fn clip_message(mut msg: String) -> String {
+    if msg.len() <= MAX_STATUS_MESSAGE {
+        return msg;
+    }
+    let len = msg.len();
+    let mut end = MAX_STATUS_MESSAGE - 32;
+    while !msg.is_char_boundary(end) {
+        end -= 1;
+    }
+    msg.truncate(end);
+    msg.push_str(&format!("... ({len} bytes)"));
+    msg
 }
 
 fn labels_from(map: std::collections::HashMap<String, String>) -> Labels {
@@ -343,5 +367,25 @@ impl pb::snapshots_server::Snapshots for SnapshotsService {
             tracing::info!(?report, "cleanup reclaimed leftovers");
         }
         Ok(Response::new(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_status_messages_are_clipped_on_a_char_boundary() {
+        let e = Error::InvalidArgument(format!("invalid filter {}", "é".repeat(1 << 19)));
+        let st = status("list", &e);
+        assert_eq!(st.code(), tonic::Code::InvalidArgument);
+        assert!(
+            st.message().len() <= MAX_STATUS_MESSAGE,
+            "{}",
+            st.message().len()
+        );
+        assert!(st.message().ends_with(" bytes)"), "{}", st.message());
+        let short = status("stat", &Error::NotFound("snapshot \"a\"".into()));
+        assert_eq!(short.message(), "stat: snapshot \"a\": not found");
     }
 }

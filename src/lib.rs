@@ -15,6 +15,7 @@
 
 pub mod admin;
 pub mod backend;
+pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod config;
@@ -31,6 +32,7 @@ pub mod meta;
 pub mod metrics;
 pub mod model;
 pub mod snapshotter;
+pub mod transfer;
 
 /// Code generated from proto/ (containerd's wire types and services).
 #[allow(missing_docs, clippy::all)]

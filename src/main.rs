@@ -49,6 +49,32 @@ enum Command {
     ExampleConfig,
     #[command(flatten)]
     Admin(AdminCommand),
+    /// Write a committed snapshot (optionally with its ancestors) to a
+    /// portable archive.
+    #[command(
+        long_about = "Write a committed snapshot to a portable archive: a zstd- or \
+            gzip-compressed tar holding the snapshot's files (or, with --format btrfs-send, \
+            btrfs send streams) and its name, labels and parent. `cowsnap import` recreates \
+            it on any cowsnap daemon. Shows a progress bar when stderr is a terminal.",
+        after_help = "Examples:\n  \
+            cowsnap export sha256:abc -o layer.tar.zst\n  \
+            cowsnap export top --chain -o image.tar.zst\n  \
+            cowsnap export app --format btrfs-send -o app.cowsnap\n  \
+            cowsnap export app-v2 --format btrfs-send --incremental -o app-v2.cowsnap\n  \
+            cowsnap export base -o - | ssh host cowsnap import -"
+    )]
+    Export(cowsnap::transfer::client::ExportArgs),
+    /// Recreate the snapshots of an archive written by `cowsnap export` as
+    /// committed snapshots.
+    #[command(
+        long_about = "Recreate the snapshots of an archive written by `cowsnap export` as \
+            committed snapshots, and print the name of the imported one. An existing name \
+            is refused before anything is written; on any failure nothing is left behind.",
+        after_help = "Examples:\n  \
+            cowsnap import layer.tar.zst\n  \
+            cowsnap import layer.tar.zst --key restored/base"
+    )]
+    Import(cowsnap::transfer::client::ImportArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     #[command(after_help = "Examples:\n  \
         cowsnap completions bash > /etc/bash_completion.d/cowsnap\n  \
@@ -101,6 +127,12 @@ fn main() -> ExitCode {
         Command::Admin(command) => {
             cowsnap::cli::run(&ClientOptions::from_args(&cli.client), command)
         }
+        Command::Export(args) => {
+            cowsnap::transfer::client::run_export(&ClientOptions::from_args(&cli.client), args)
+        }
+        Command::Import(args) => {
+            cowsnap::transfer::client::run_import(&ClientOptions::from_args(&cli.client), args)
+        }
         Command::Completions(args) => {
             clap_complete::generate(
                 args.shell,
@@ -122,6 +154,10 @@ fn init_logging(level: Option<&str>) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // A log on a full disk must not take the daemon down: a failed log
+        // write is dropped instead of reported with eprintln! (which panics
+        // when stderr itself cannot be written).
+        .log_internal_errors(false)
         .init();
 }
 

@@ -18,6 +18,8 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::RwLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -109,7 +111,12 @@ impl Record {
 
 /// The metadata database.
 pub struct MetaStore {
-    db: Database,
+    /// `None` only while being reopened.
+    db: RwLock<Option<Database>>,
+    /// Set when redb reported an I/O error: redb then refuses every later
+    /// call ("previous I/O error") until the database is reopened, which
+    /// the next call does (e.g. once a full disk has room again).
+    needs_reopen: AtomicBool,
     path: PathBuf,
 }
 
@@ -117,14 +124,57 @@ impl MetaStore {
     /// Opens (creating if needed) the database at `path` and checks its
     /// schema version.
     pub fn open(path: &Path) -> Result<Self> {
-        let db = Database::create(path)
-            .map_err(|e| Error::meta(format!("opening {}", path.display()), e))?;
         let store = MetaStore {
-            db,
+            db: RwLock::new(Some(open_checked(path)?)),
+            needs_reopen: AtomicBool::new(false),
             path: path.to_owned(),
         };
         store.init_schema()?;
         Ok(store)
+    }
+
+    /// Runs `f` on the database, reopening it first if an earlier call hit
+    /// an I/O error, and noting an I/O error `f` hits.
+    fn with_db<T>(&self, f: impl FnOnce(&Database) -> Result<T>) -> Result<T> {
+        if self.needs_reopen.load(Ordering::SeqCst) {
+            self.reopen()?;
+        }
+        let guard = self.db.read().unwrap_or_else(|p| p.into_inner());
+        let db = guard.as_ref().ok_or_else(|| {
+            Error::Unavailable(format!(
+                "metadata {} is being reopened",
+                self.path.display()
+            ))
+        })?;
+        let out = f(db);
+        if let Err(Error::Metadata { source, .. }) = &out
+            && matches!(
+                source.as_ref(),
+                redb::Error::Io(_) | redb::Error::PreviousIo
+            )
+        {
+            self.needs_reopen.store(true, Ordering::SeqCst);
+        }
+        out
+    }
+
+    fn reopen(&self) -> Result<()> {
+        let mut guard = self.db.write().unwrap_or_else(|p| p.into_inner());
+        if !self.needs_reopen.load(Ordering::SeqCst) {
+            return Ok(()); // another caller reopened it meanwhile
+        }
+        // redb locks the file: the old handle must be closed first.
+        drop(guard.take());
+        let db = Database::create(&self.path).map_err(|e| {
+            Error::meta(
+                format!("reopening {} after an I/O error", self.path.display()),
+                e,
+            )
+        })?;
+        *guard = Some(db);
+        self.needs_reopen.store(false, Ordering::SeqCst);
+        tracing::info!(path = %self.path.display(), "metadata reopened after an I/O error");
+        Ok(())
     }
 
     /// Where the database lives.
@@ -133,7 +183,8 @@ impl MetaStore {
     }
 
     fn init_schema(&self) -> Result<()> {
-        let txn = self.db.begin_write().map_err(|e| Error::meta("begin", e))?;
+        self.with_db(|db| {
+        let txn = db.begin_write().map_err(|e| Error::meta("begin", e))?;
         {
             let mut meta = txn
                 .open_table(META)
@@ -163,193 +214,188 @@ impl MetaStore {
                 .map_err(|e| Error::meta("open children", e))?;
         }
         txn.commit().map_err(|e| Error::meta("commit schema", e))
+        })
     }
 
     /// The record stored under `key`.
     pub fn get(&self, key: &str) -> Result<Option<Record>> {
-        let txn = self
-            .db
-            .begin_read()
-            .map_err(|e| Error::meta("begin read", e))?;
-        let t = txn
-            .open_table(SNAPSHOTS)
-            .map_err(|e| Error::meta("open snapshots", e))?;
-        match t.get(key).map_err(|e| Error::meta("read snapshot", e))? {
-            Some(v) => Ok(Some(Record::decode(key, v.value())?)),
-            None => Ok(None),
-        }
+        self.with_db(|db| {
+            let txn = db.begin_read().map_err(|e| Error::meta("begin read", e))?;
+            let t = txn
+                .open_table(SNAPSHOTS)
+                .map_err(|e| Error::meta("open snapshots", e))?;
+            match t.get(key).map_err(|e| Error::meta("read snapshot", e))? {
+                Some(v) => Ok(Some(Record::decode(key, v.value())?)),
+                None => Ok(None),
+            }
+        })
     }
 
     /// The key currently naming snapshot `id`.
     pub fn key_of(&self, id: SnapshotId) -> Result<Option<String>> {
-        let txn = self
-            .db
-            .begin_read()
-            .map_err(|e| Error::meta("begin read", e))?;
-        let t = txn
-            .open_table(IDS)
-            .map_err(|e| Error::meta("open ids", e))?;
-        Ok(t.get(id.0)
-            .map_err(|e| Error::meta("read id", e))?
-            .map(|v| v.value().to_owned()))
+        self.with_db(|db| {
+            let txn = db.begin_read().map_err(|e| Error::meta("begin read", e))?;
+            let t = txn
+                .open_table(IDS)
+                .map_err(|e| Error::meta("open ids", e))?;
+            Ok(t.get(id.0)
+                .map_err(|e| Error::meta("read id", e))?
+                .map(|v| v.value().to_owned()))
+        })
     }
 
     /// The smallest id never handed out, as recorded.
     pub fn next_id(&self) -> Result<u64> {
-        let txn = self
-            .db
-            .begin_read()
-            .map_err(|e| Error::meta("begin read", e))?;
-        let t = txn
-            .open_table(META)
-            .map_err(|e| Error::meta("open meta", e))?;
-        Ok(t.get(KEY_NEXT_ID)
-            .map_err(|e| Error::meta("read next id", e))?
-            .map(|v| v.value())
-            .unwrap_or(1))
+        self.with_db(|db| {
+            let txn = db.begin_read().map_err(|e| Error::meta("begin read", e))?;
+            let t = txn
+                .open_table(META)
+                .map_err(|e| Error::meta("open meta", e))?;
+            Ok(t.get(KEY_NEXT_ID)
+                .map_err(|e| Error::meta("read next id", e))?
+                .map(|v| v.value())
+                .unwrap_or(1))
+        })
     }
 
     /// Every record, in key order. Reads one consistent snapshot of the
     /// database and holds no transaction once it returns.
     pub fn all(&self) -> Result<Vec<(String, Record)>> {
-        let txn = self
-            .db
-            .begin_read()
-            .map_err(|e| Error::meta("begin read", e))?;
-        let t = txn
-            .open_table(SNAPSHOTS)
-            .map_err(|e| Error::meta("open snapshots", e))?;
-        let mut out = Vec::with_capacity(t.len().unwrap_or(0) as usize);
-        for entry in t.iter().map_err(|e| Error::meta("iterate snapshots", e))? {
-            let (k, v) = entry.map_err(|e| Error::meta("iterate snapshots", e))?;
-            out.push((k.value().to_owned(), Record::decode(k.value(), v.value())?));
-        }
-        Ok(out)
+        self.with_db(|db| {
+            let txn = db.begin_read().map_err(|e| Error::meta("begin read", e))?;
+            let t = txn
+                .open_table(SNAPSHOTS)
+                .map_err(|e| Error::meta("open snapshots", e))?;
+            let mut out = Vec::with_capacity(t.len().unwrap_or(0) as usize);
+            for entry in t.iter().map_err(|e| Error::meta("iterate snapshots", e))? {
+                let (k, v) = entry.map_err(|e| Error::meta("iterate snapshots", e))?;
+                out.push((k.value().to_owned(), Record::decode(k.value(), v.value())?));
+            }
+            Ok(out)
+        })
     }
 
     /// Every id that has a record.
     pub fn all_ids(&self) -> Result<Vec<SnapshotId>> {
-        let txn = self
-            .db
-            .begin_read()
-            .map_err(|e| Error::meta("begin read", e))?;
-        let t = txn
-            .open_table(IDS)
-            .map_err(|e| Error::meta("open ids", e))?;
-        let mut out = Vec::new();
-        for entry in t.iter().map_err(|e| Error::meta("iterate ids", e))? {
-            let (k, _) = entry.map_err(|e| Error::meta("iterate ids", e))?;
-            out.push(SnapshotId(k.value()));
-        }
-        Ok(out)
+        self.with_db(|db| {
+            let txn = db.begin_read().map_err(|e| Error::meta("begin read", e))?;
+            let t = txn
+                .open_table(IDS)
+                .map_err(|e| Error::meta("open ids", e))?;
+            let mut out = Vec::new();
+            for entry in t.iter().map_err(|e| Error::meta("iterate ids", e))? {
+                let (k, _) = entry.map_err(|e| Error::meta("iterate ids", e))?;
+                out.push(SnapshotId(k.value()));
+            }
+            Ok(out)
+        })
     }
 
     /// Number of children of every snapshot that has some.
     pub fn children_counts(&self) -> Result<HashMap<SnapshotId, u64>> {
-        let txn = self
-            .db
-            .begin_read()
-            .map_err(|e| Error::meta("begin read", e))?;
-        let t = txn
-            .open_table(CHILDREN)
-            .map_err(|e| Error::meta("open children", e))?;
-        let mut out: HashMap<SnapshotId, u64> = HashMap::new();
-        for entry in t.iter().map_err(|e| Error::meta("iterate children", e))? {
-            let (k, _) = entry.map_err(|e| Error::meta("iterate children", e))?;
-            *out.entry(SnapshotId(k.value().0)).or_default() += 1;
-        }
-        Ok(out)
+        self.with_db(|db| {
+            let txn = db.begin_read().map_err(|e| Error::meta("begin read", e))?;
+            let t = txn
+                .open_table(CHILDREN)
+                .map_err(|e| Error::meta("open children", e))?;
+            let mut out: HashMap<SnapshotId, u64> = HashMap::new();
+            for entry in t.iter().map_err(|e| Error::meta("iterate children", e))? {
+                let (k, _) = entry.map_err(|e| Error::meta("iterate children", e))?;
+                *out.entry(SnapshotId(k.value().0)).or_default() += 1;
+            }
+            Ok(out)
+        })
     }
 
     /// Whether snapshot `id` has children.
     pub fn has_children(&self, id: SnapshotId) -> Result<bool> {
-        let txn = self
-            .db
-            .begin_read()
-            .map_err(|e| Error::meta("begin read", e))?;
-        let t = txn
-            .open_table(CHILDREN)
-            .map_err(|e| Error::meta("open children", e))?;
-        let mut r = t
-            .range((id.0, 0)..=(id.0, u64::MAX))
-            .map_err(|e| Error::meta("read children", e))?;
-        Ok(r.next().is_some())
+        self.with_db(|db| {
+            let txn = db.begin_read().map_err(|e| Error::meta("begin read", e))?;
+            let t = txn
+                .open_table(CHILDREN)
+                .map_err(|e| Error::meta("open children", e))?;
+            let mut r = t
+                .range((id.0, 0)..=(id.0, u64::MAX))
+                .map_err(|e| Error::meta("read children", e))?;
+            Ok(r.next().is_some())
+        })
     }
 
     /// Records a new active snapshot or view under `key`. Fails with
     /// AlreadyExists when the key is taken and NotFound/FailedPrecondition
     /// when the parent vanished or is not committed.
     pub fn insert(&self, key: &str, record: &Record) -> Result<()> {
-        let txn = self
-            .db
-            .begin_write()
-            .map_err(|e| Error::meta("begin write", e))?;
-        {
-            let mut snaps = txn
-                .open_table(SNAPSHOTS)
-                .map_err(|e| Error::meta("open snapshots", e))?;
-            if snaps
-                .get(key)
-                .map_err(|e| Error::meta("read snapshot", e))?
-                .is_some()
+        self.with_db(|db| {
+            let txn = db
+                .begin_write()
+                .map_err(|e| Error::meta("begin write", e))?;
             {
-                return Err(Error::AlreadyExists(format!(
-                    "snapshot {}",
-                    truncate_for_message(key)
-                )));
-            }
-            if let Some(parent) = &record.parent {
-                let p = snaps
-                    .get(parent.as_str())
-                    .map_err(|e| Error::meta("read parent", e))?
-                    .map(|v| Record::decode(parent, v.value()))
-                    .transpose()?;
-                match p {
-                    None => {
-                        return Err(Error::NotFound(format!(
-                            "parent snapshot {}",
-                            truncate_for_message(parent)
-                        )));
+                let mut snaps = txn
+                    .open_table(SNAPSHOTS)
+                    .map_err(|e| Error::meta("open snapshots", e))?;
+                if snaps
+                    .get(key)
+                    .map_err(|e| Error::meta("read snapshot", e))?
+                    .is_some()
+                {
+                    return Err(Error::AlreadyExists(format!(
+                        "snapshot {}",
+                        truncate_for_message(key)
+                    )));
+                }
+                if let Some(parent) = &record.parent {
+                    let p = snaps
+                        .get(parent.as_str())
+                        .map_err(|e| Error::meta("read parent", e))?
+                        .map(|v| Record::decode(parent, v.value()))
+                        .transpose()?;
+                    match p {
+                        None => {
+                            return Err(Error::NotFound(format!(
+                                "parent snapshot {}",
+                                truncate_for_message(parent)
+                            )));
+                        }
+                        Some(p) if Some(p.id) != record.parent_id || p.kind != Kind::Committed => {
+                            return Err(Error::FailedPrecondition(format!(
+                                "parent snapshot {} changed while the snapshot was created",
+                                truncate_for_message(parent)
+                            )));
+                        }
+                        Some(_) => {}
                     }
-                    Some(p) if Some(p.id) != record.parent_id || p.kind != Kind::Committed => {
-                        return Err(Error::FailedPrecondition(format!(
-                            "parent snapshot {} changed while the snapshot was created",
-                            truncate_for_message(parent)
-                        )));
-                    }
-                    Some(_) => {}
+                }
+                snaps
+                    .insert(key, record.encode()?.as_slice())
+                    .map_err(|e| Error::meta("insert snapshot", e))?;
+                let mut ids = txn
+                    .open_table(IDS)
+                    .map_err(|e| Error::meta("open ids", e))?;
+                ids.insert(record.id.0, key)
+                    .map_err(|e| Error::meta("insert id", e))?;
+                if let Some(pid) = record.parent_id {
+                    let mut children = txn
+                        .open_table(CHILDREN)
+                        .map_err(|e| Error::meta("open children", e))?;
+                    children
+                        .insert((pid.0, record.id.0), ())
+                        .map_err(|e| Error::meta("insert child", e))?;
+                }
+                let mut meta = txn
+                    .open_table(META)
+                    .map_err(|e| Error::meta("open meta", e))?;
+                let next = meta
+                    .get(KEY_NEXT_ID)
+                    .map_err(|e| Error::meta("read next id", e))?
+                    .map(|v| v.value())
+                    .unwrap_or(1);
+                if record.id.0 >= next {
+                    meta.insert(KEY_NEXT_ID, record.id.0 + 1)
+                        .map_err(|e| Error::meta("write next id", e))?;
                 }
             }
-            snaps
-                .insert(key, record.encode()?.as_slice())
-                .map_err(|e| Error::meta("insert snapshot", e))?;
-            let mut ids = txn
-                .open_table(IDS)
-                .map_err(|e| Error::meta("open ids", e))?;
-            ids.insert(record.id.0, key)
-                .map_err(|e| Error::meta("insert id", e))?;
-            if let Some(pid) = record.parent_id {
-                let mut children = txn
-                    .open_table(CHILDREN)
-                    .map_err(|e| Error::meta("open children", e))?;
-                children
-                    .insert((pid.0, record.id.0), ())
-                    .map_err(|e| Error::meta("insert child", e))?;
-            }
-            let mut meta = txn
-                .open_table(META)
-                .map_err(|e| Error::meta("open meta", e))?;
-            let next = meta
-                .get(KEY_NEXT_ID)
-                .map_err(|e| Error::meta("read next id", e))?
-                .map(|v| v.value())
-                .unwrap_or(1);
-            if record.id.0 >= next {
-                meta.insert(KEY_NEXT_ID, record.id.0 + 1)
-                    .map_err(|e| Error::meta("write next id", e))?;
-            }
-        }
-        txn.commit().map_err(|e| Error::meta("commit insert", e))
+            txn.commit().map_err(|e| Error::meta("commit insert", e))
+        })
     }
 
     /// Moves the active snapshot `key` (which must still be snapshot
@@ -362,117 +408,119 @@ impl MetaStore {
         expect_id: SnapshotId,
         update: impl FnOnce(&mut Record),
     ) -> Result<Record> {
-        let txn = self
-            .db
-            .begin_write()
-            .map_err(|e| Error::meta("begin write", e))?;
-        let record = {
-            let mut snaps = txn
-                .open_table(SNAPSHOTS)
-                .map_err(|e| Error::meta("open snapshots", e))?;
-            let mut record = match snaps
-                .get(key)
-                .map_err(|e| Error::meta("read snapshot", e))?
-            {
-                Some(v) => Record::decode(key, v.value())?,
-                None => {
-                    return Err(Error::NotFound(format!(
-                        "snapshot {}",
+        self.with_db(|db| {
+            let txn = db
+                .begin_write()
+                .map_err(|e| Error::meta("begin write", e))?;
+            let record = {
+                let mut snaps = txn
+                    .open_table(SNAPSHOTS)
+                    .map_err(|e| Error::meta("open snapshots", e))?;
+                let mut record = match snaps
+                    .get(key)
+                    .map_err(|e| Error::meta("read snapshot", e))?
+                {
+                    Some(v) => Record::decode(key, v.value())?,
+                    None => {
+                        return Err(Error::NotFound(format!(
+                            "snapshot {}",
+                            truncate_for_message(key)
+                        )));
+                    }
+                };
+                if record.id != expect_id || record.kind != Kind::Active {
+                    return Err(Error::FailedPrecondition(format!(
+                        "snapshot {} changed while it was committed",
                         truncate_for_message(key)
                     )));
                 }
+                if snaps
+                    .get(name)
+                    .map_err(|e| Error::meta("read snapshot", e))?
+                    .is_some()
+                {
+                    return Err(Error::AlreadyExists(format!(
+                        "snapshot {}",
+                        truncate_for_message(name)
+                    )));
+                }
+                update(&mut record);
+                snaps
+                    .remove(key)
+                    .map_err(|e| Error::meta("remove active", e))?;
+                snaps
+                    .insert(name, record.encode()?.as_slice())
+                    .map_err(|e| Error::meta("insert committed", e))?;
+                let mut ids = txn
+                    .open_table(IDS)
+                    .map_err(|e| Error::meta("open ids", e))?;
+                ids.insert(record.id.0, name)
+                    .map_err(|e| Error::meta("update id", e))?;
+                record
             };
-            if record.id != expect_id || record.kind != Kind::Active {
-                return Err(Error::FailedPrecondition(format!(
-                    "snapshot {} changed while it was committed",
-                    truncate_for_message(key)
-                )));
-            }
-            if snaps
-                .get(name)
-                .map_err(|e| Error::meta("read snapshot", e))?
-                .is_some()
-            {
-                return Err(Error::AlreadyExists(format!(
-                    "snapshot {}",
-                    truncate_for_message(name)
-                )));
-            }
-            update(&mut record);
-            snaps
-                .remove(key)
-                .map_err(|e| Error::meta("remove active", e))?;
-            snaps
-                .insert(name, record.encode()?.as_slice())
-                .map_err(|e| Error::meta("insert committed", e))?;
-            let mut ids = txn
-                .open_table(IDS)
-                .map_err(|e| Error::meta("open ids", e))?;
-            ids.insert(record.id.0, name)
-                .map_err(|e| Error::meta("update id", e))?;
-            record
-        };
-        txn.commit().map_err(|e| Error::meta("commit commit", e))?;
-        Ok(record)
+            txn.commit().map_err(|e| Error::meta("commit commit", e))?;
+            Ok(record)
+        })
     }
 
     /// Drops the record of `key` (which must still be snapshot `expect_id`).
     /// Fails with FailedPrecondition when it has children.
     pub fn remove(&self, key: &str, expect_id: SnapshotId) -> Result<Record> {
-        let txn = self
-            .db
-            .begin_write()
-            .map_err(|e| Error::meta("begin write", e))?;
-        let record = {
-            let mut snaps = txn
-                .open_table(SNAPSHOTS)
-                .map_err(|e| Error::meta("open snapshots", e))?;
-            let record = match snaps
-                .get(key)
-                .map_err(|e| Error::meta("read snapshot", e))?
-            {
-                Some(v) => Record::decode(key, v.value())?,
-                None => {
-                    return Err(Error::NotFound(format!(
-                        "snapshot {}",
+        self.with_db(|db| {
+            let txn = db
+                .begin_write()
+                .map_err(|e| Error::meta("begin write", e))?;
+            let record = {
+                let mut snaps = txn
+                    .open_table(SNAPSHOTS)
+                    .map_err(|e| Error::meta("open snapshots", e))?;
+                let record = match snaps
+                    .get(key)
+                    .map_err(|e| Error::meta("read snapshot", e))?
+                {
+                    Some(v) => Record::decode(key, v.value())?,
+                    None => {
+                        return Err(Error::NotFound(format!(
+                            "snapshot {}",
+                            truncate_for_message(key)
+                        )));
+                    }
+                };
+                if record.id != expect_id {
+                    return Err(Error::FailedPrecondition(format!(
+                        "snapshot {} changed while it was removed",
                         truncate_for_message(key)
                     )));
                 }
+                let mut children = txn
+                    .open_table(CHILDREN)
+                    .map_err(|e| Error::meta("open children", e))?;
+                let has_children = children
+                    .range((record.id.0, 0)..=(record.id.0, u64::MAX))
+                    .map_err(|e| Error::meta("read children", e))?
+                    .next()
+                    .is_some();
+                if has_children {
+                    return Err(remove_with_children(key));
+                }
+                snaps
+                    .remove(key)
+                    .map_err(|e| Error::meta("remove snapshot", e))?;
+                let mut ids = txn
+                    .open_table(IDS)
+                    .map_err(|e| Error::meta("open ids", e))?;
+                ids.remove(record.id.0)
+                    .map_err(|e| Error::meta("remove id", e))?;
+                if let Some(pid) = record.parent_id {
+                    children
+                        .remove((pid.0, record.id.0))
+                        .map_err(|e| Error::meta("remove child", e))?;
+                }
+                record
             };
-            if record.id != expect_id {
-                return Err(Error::FailedPrecondition(format!(
-                    "snapshot {} changed while it was removed",
-                    truncate_for_message(key)
-                )));
-            }
-            let mut children = txn
-                .open_table(CHILDREN)
-                .map_err(|e| Error::meta("open children", e))?;
-            let has_children = children
-                .range((record.id.0, 0)..=(record.id.0, u64::MAX))
-                .map_err(|e| Error::meta("read children", e))?
-                .next()
-                .is_some();
-            if has_children {
-                return Err(remove_with_children(key));
-            }
-            snaps
-                .remove(key)
-                .map_err(|e| Error::meta("remove snapshot", e))?;
-            let mut ids = txn
-                .open_table(IDS)
-                .map_err(|e| Error::meta("open ids", e))?;
-            ids.remove(record.id.0)
-                .map_err(|e| Error::meta("remove id", e))?;
-            if let Some(pid) = record.parent_id {
-                children
-                    .remove((pid.0, record.id.0))
-                    .map_err(|e| Error::meta("remove child", e))?;
-            }
-            record
-        };
-        txn.commit().map_err(|e| Error::meta("commit remove", e))?;
-        Ok(record)
+            txn.commit().map_err(|e| Error::meta("commit remove", e))?;
+            Ok(record)
+        })
     }
 
     /// Applies `change` to the record of `key` in one transaction.
@@ -481,83 +529,121 @@ impl MetaStore {
         key: &str,
         change: impl FnOnce(&mut Record) -> Result<()>,
     ) -> Result<Record> {
-        let txn = self
-            .db
-            .begin_write()
-            .map_err(|e| Error::meta("begin write", e))?;
-        let record = {
-            let mut snaps = txn
-                .open_table(SNAPSHOTS)
-                .map_err(|e| Error::meta("open snapshots", e))?;
-            let mut record = match snaps
-                .get(key)
-                .map_err(|e| Error::meta("read snapshot", e))?
-            {
-                Some(v) => Record::decode(key, v.value())?,
-                None => {
-                    return Err(Error::NotFound(format!(
-                        "snapshot {}",
-                        truncate_for_message(key)
-                    )));
-                }
+        self.with_db(|db| {
+            let txn = db
+                .begin_write()
+                .map_err(|e| Error::meta("begin write", e))?;
+            let record = {
+                let mut snaps = txn
+                    .open_table(SNAPSHOTS)
+                    .map_err(|e| Error::meta("open snapshots", e))?;
+                let mut record = match snaps
+                    .get(key)
+                    .map_err(|e| Error::meta("read snapshot", e))?
+                {
+                    Some(v) => Record::decode(key, v.value())?,
+                    None => {
+                        return Err(Error::NotFound(format!(
+                            "snapshot {}",
+                            truncate_for_message(key)
+                        )));
+                    }
+                };
+                change(&mut record)?;
+                snaps
+                    .insert(key, record.encode()?.as_slice())
+                    .map_err(|e| Error::meta("update snapshot", e))?;
+                record
             };
-            change(&mut record)?;
-            snaps
-                .insert(key, record.encode()?.as_slice())
-                .map_err(|e| Error::meta("update snapshot", e))?;
-            record
-        };
-        txn.commit().map_err(|e| Error::meta("commit update", e))?;
-        Ok(record)
+            txn.commit().map_err(|e| Error::meta("commit update", e))?;
+            Ok(record)
+        })
     }
 
     /// Drops records found to have lost their filesystem object, and raises
     /// the id high-water mark, in one transaction (startup repair).
     pub fn repair(&self, drop_keys: &[String], next_id_at_least: u64) -> Result<()> {
-        let txn = self
-            .db
-            .begin_write()
-            .map_err(|e| Error::meta("begin write", e))?;
-        {
-            let mut snaps = txn
-                .open_table(SNAPSHOTS)
-                .map_err(|e| Error::meta("open snapshots", e))?;
-            let mut ids = txn
-                .open_table(IDS)
-                .map_err(|e| Error::meta("open ids", e))?;
-            let mut children = txn
-                .open_table(CHILDREN)
-                .map_err(|e| Error::meta("open children", e))?;
-            for key in drop_keys {
-                let removed = snaps
-                    .remove(key.as_str())
-                    .map_err(|e| Error::meta("remove snapshot", e))?
-                    .map(|v| Record::decode(key, v.value()))
-                    .transpose()?;
-                if let Some(r) = removed {
-                    ids.remove(r.id.0)
-                        .map_err(|e| Error::meta("remove id", e))?;
-                    if let Some(pid) = r.parent_id {
-                        children
-                            .remove((pid.0, r.id.0))
-                            .map_err(|e| Error::meta("remove child", e))?;
+        self.with_db(|db| {
+            let txn = db
+                .begin_write()
+                .map_err(|e| Error::meta("begin write", e))?;
+            {
+                let mut snaps = txn
+                    .open_table(SNAPSHOTS)
+                    .map_err(|e| Error::meta("open snapshots", e))?;
+                let mut ids = txn
+                    .open_table(IDS)
+                    .map_err(|e| Error::meta("open ids", e))?;
+                let mut children = txn
+                    .open_table(CHILDREN)
+                    .map_err(|e| Error::meta("open children", e))?;
+                for key in drop_keys {
+                    let removed = snaps
+                        .remove(key.as_str())
+                        .map_err(|e| Error::meta("remove snapshot", e))?
+                        .map(|v| Record::decode(key, v.value()))
+                        .transpose()?;
+                    if let Some(r) = removed {
+                        ids.remove(r.id.0)
+                            .map_err(|e| Error::meta("remove id", e))?;
+                        if let Some(pid) = r.parent_id {
+                            children
+                                .remove((pid.0, r.id.0))
+                                .map_err(|e| Error::meta("remove child", e))?;
+                        }
                     }
                 }
+                let mut meta = txn
+                    .open_table(META)
+                    .map_err(|e| Error::meta("open meta", e))?;
+                let next = meta
+                    .get(KEY_NEXT_ID)
+                    .map_err(|e| Error::meta("read next id", e))?
+                    .map(|v| v.value())
+                    .unwrap_or(1);
+                if next_id_at_least > next {
+                    meta.insert(KEY_NEXT_ID, next_id_at_least)
+                        .map_err(|e| Error::meta("write next id", e))?;
+                }
             }
-            let mut meta = txn
-                .open_table(META)
-                .map_err(|e| Error::meta("open meta", e))?;
-            let next = meta
-                .get(KEY_NEXT_ID)
-                .map_err(|e| Error::meta("read next id", e))?
-                .map(|v| v.value())
-                .unwrap_or(1);
-            if next_id_at_least > next {
-                meta.insert(KEY_NEXT_ID, next_id_at_least)
-                    .map_err(|e| Error::meta("write next id", e))?;
-            }
+            txn.commit().map_err(|e| Error::meta("commit repair", e))
+        })
+    }
+}
+
+/// Opens the database, turning a damaged file into a clear refusal: redb
+/// panics on some corrupt pages, and repairs others; neither may pass
+/// silently, since startup repair would then take missing records for
+/// orphans and destroy their data.
+fn open_checked(path: &Path) -> Result<Database> {
+    let damaged = |what: String| {
+        Error::Unavailable(format!(
+            "metadata {} is damaged ({what}); cowsnap will not start on it. Restore it from a \
+             backup, or move it away to start empty (every snapshot on disk is then an orphan)",
+            path.display()
+        ))
+    };
+    let opened = std::panic::catch_unwind(|| Database::create(path));
+    let mut db = match opened {
+        Ok(Ok(db)) => db,
+        Ok(Err(redb::DatabaseError::Storage(redb::StorageError::Corrupted(msg)))) => {
+            return Err(damaged(msg));
         }
-        txn.commit().map_err(|e| Error::meta("commit repair", e))
+        Ok(Err(e)) => return Err(Error::meta(format!("opening {}", path.display()), e)),
+        Err(_) => return Err(damaged("the database engine could not read it".into())),
+    };
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| db.check_integrity())) {
+        Ok(Ok(true)) => Ok(db),
+        Ok(Ok(false)) => {
+            tracing::warn!(
+                path = %path.display(),
+                "metadata was not closed cleanly; the database engine repaired its structure \
+                 (committed transactions are kept)"
+            );
+            Ok(db)
+        }
+        Ok(Err(e)) => Err(damaged(e.to_string())),
+        Err(_) => Err(damaged("its integrity check failed".into())),
     }
 }
 

@@ -99,7 +99,9 @@ impl Snapshotter {
     /// may have left (see docs/design.md). Nothing may be in flight: this
     /// runs before the daemon serves.
     pub fn open(root: &Path, backend: Box<dyn Backend>) -> Result<(Self, RepairReport)> {
-        let meta = MetaStore::open(&root.join(METADATA_FILE))?;
+        let path = root.join(METADATA_FILE);
+        refuse_new_metadata_over_objects(&path, backend.as_ref())?;
+        let meta = MetaStore::open(&path)?;
         let next = meta.next_id()?;
         let s = Snapshotter {
             meta,
@@ -144,6 +146,9 @@ impl Snapshotter {
         validate_key("key", key)?;
         let labels = normalize_labels(labels);
         validate_labels(&labels)?;
+        if !parent.is_empty() {
+            validate_key("parent", parent)?;
+        }
         let idmap = IdMapping::from_labels(&labels)?;
         let limit = match labels.get(MAX_SIZE_LABEL) {
             Some(v) => Some(parse_size_label(v)?),
@@ -156,20 +161,7 @@ impl Snapshotter {
                 truncate_for_message(key)
             )));
         }
-        let parent_record = if parent.is_empty() {
-            None
-        } else {
-            let p = self.meta.get(parent)?.ok_or_else(|| {
-                Error::NotFound(format!("parent snapshot {}", truncate_for_message(parent)))
-            })?;
-            if p.kind != Kind::Committed {
-                return Err(Error::InvalidArgument(format!(
-                    "parent {} is not a committed snapshot",
-                    truncate_for_message(parent)
-                )));
-            }
-            Some(p)
-        };
+        let parent_record = self.committed_parent(parent)?;
 
         let id = self.allocate_id();
         let object = match self
@@ -179,7 +171,7 @@ impl Snapshotter {
             Ok(o) => o,
             Err(e) => {
                 self.creating_done(id);
-                return Err(e);
+                return Err(object_missing(e, "parent snapshot", parent));
             }
         };
         if let Some(limit) = limit.filter(|_| kind == Kind::Active)
@@ -236,6 +228,91 @@ impl Snapshotter {
         Ok(mounts)
     }
 
+    /// The record of `parent` ("" for none), which must be committed.
+    fn committed_parent(&self, parent: &str) -> Result<Option<Record>> {
+        if parent.is_empty() {
+            return Ok(None);
+        }
+        let p = self.meta.get(parent)?.ok_or_else(|| {
+            Error::NotFound(format!("parent snapshot {}", truncate_for_message(parent)))
+        })?;
+        if p.kind != Kind::Committed {
+            return Err(Error::InvalidArgument(format!(
+                "parent {} is not a committed snapshot",
+                truncate_for_message(parent)
+            )));
+        }
+        Ok(Some(p))
+    }
+
+    /// Records, as the committed snapshot `name` on `parent` ("" for none)
+    /// with `labels`, an object that a native receive (`btrfs receive`)
+    /// made at `staged` (see [`Backend::adopt`]): how import turns a
+    /// filesystem stream into a snapshot without copying it again.
+    ///
+    /// Crash safety: the backend moves the object into the committed area
+    /// before one metadata transaction records it, so a crash in between
+    /// leaves an orphan that startup repair destroys. Until then the staged
+    /// object is the caller's to clean up.
+    pub fn adopt_committed(
+        &self,
+        name: &str,
+        parent: &str,
+        labels: Labels,
+        staged: &str,
+    ) -> Result<()> {
+        validate_key("name", name)?;
+        let labels = normalize_labels(labels);
+        validate_labels(&labels)?;
+        let _guard = self.locks.lock(&[name]);
+        if self.meta.get(name)?.is_some() {
+            return Err(Error::AlreadyExists(format!(
+                "snapshot {}",
+                truncate_for_message(name)
+            )));
+        }
+        let parent_record = self.committed_parent(parent)?;
+        let id = self.allocate_id();
+        let adopted = self
+            .backend
+            .adopt(id, staged, parent_record.as_ref().map(|p| &p.object));
+        let (object, usage) = match adopted {
+            Ok(v) => v,
+            Err(e) => {
+                // A failure after the move leaves the object in the
+                // committed area: destroy it (else Cleanup will).
+                if let Err(d) = self.backend.destroy(id, 0) {
+                    warn!(id = %id, error = %d, "could not destroy the object of a failed adopt; left for cleanup");
+                }
+                self.creating_done(id);
+                return Err(e);
+            }
+        };
+        let now = Timestamp::now();
+        let record = Record {
+            id,
+            kind: Kind::Committed,
+            parent: parent_record.as_ref().map(|_| parent.to_owned()),
+            parent_id: parent_record.as_ref().map(|p| p.id),
+            labels,
+            created: now,
+            updated: now,
+            object,
+            usage: Some(usage),
+            limit: None,
+        };
+        if let Err(e) = self.meta.insert(name, &record) {
+            if let Err(d) = self.backend.destroy(id, object.native) {
+                warn!(id = %id, error = %d, "could not destroy the object of a failed adopt; left for cleanup");
+            }
+            self.creating_done(id);
+            return Err(e);
+        }
+        self.creating_done(id);
+        debug!(name = %truncate_for_message(name), id = %id, "adopted a received object as committed");
+        Ok(())
+    }
+
     /// Commits the active snapshot `key` as `name`, with `labels`.
     ///
     /// `rebase_parent` is containerd 2.2's `CommitSnapshotRequest.parent`:
@@ -272,7 +349,10 @@ impl Snapshotter {
             )));
         }
 
-        let usage = self.backend.commit(&record.object)?;
+        let usage = self
+            .backend
+            .commit(&record.object)
+            .map_err(|e| object_missing(e, "snapshot", key))?;
         let now = Timestamp::now();
         let stored = failpoint::hit("commit.after_fs").and_then(|()| {
             self.meta.commit(key, name, record.id, |r| {
@@ -353,6 +433,13 @@ impl Snapshotter {
                 truncate_for_message(key)
             )));
         }
+        if !self.backend.exists(&record.object, record.kind)? {
+            return Err(object_missing(
+                Error::io("mounts", std::io::Error::from(std::io::ErrorKind::NotFound)),
+                "snapshot",
+                key,
+            ));
+        }
         // The labels were validated when the snapshot was created.
         let idmap = IdMapping::from_labels(&record.labels).ok().flatten();
         self.mounts_of(&record.object, record.kind, idmap.as_ref())
@@ -428,13 +515,21 @@ impl Snapshotter {
     /// stored at commit for committed ones (see docs/design.md).
     pub fn usage(&self, key: &str) -> Result<Usage> {
         validate_key("key", key)?;
+        // An active snapshot is measured through its object's path: without
+        // the key's lock a concurrent Commit (which moves the object) or
+        // Remove (which destroys it) turns the measure into ENOENT, answered
+        // as Internal. Measuring takes microseconds.
+        let _guard = self.locks.lock(&[key]);
         let record = self
             .meta
             .get(key)?
             .ok_or_else(|| Error::NotFound(format!("snapshot {}", truncate_for_message(key))))?;
         match record.kind {
             Kind::Committed => Ok(record.usage.unwrap_or_default()),
-            kind => self.backend.usage(&record.object, kind),
+            kind => self
+                .backend
+                .usage(&record.object, kind)
+                .map_err(|e| object_missing(e, "snapshot", key)),
         }
     }
 
@@ -567,6 +662,21 @@ impl Snapshotter {
     }
 }
 
+/// A filesystem object that a record names but that is gone (deleted
+/// outside cowsnap) is the snapshot's state, not an internal failure:
+/// FailedPrecondition, saying what to do.
+fn object_missing(e: Error, what: &str, key: &str) -> Error {
+    if e.is_not_found() {
+        Error::FailedPrecondition(format!(
+            "{what} {}: its filesystem object is missing (deleted outside cowsnap?): {e}; \
+             remove the snapshot to drop its record",
+            truncate_for_message(key)
+        ))
+    } else {
+        e
+    }
+}
+
 /// Parses the value of the max-size label: bytes, optionally with a binary
 /// unit ("1073741824", "512M", "10GiB").
 fn parse_size_label(v: &str) -> Result<u64> {
@@ -582,6 +692,37 @@ fn parse_size_label(v: &str) -> Result<u64> {
         )));
     }
     Ok(size.bytes())
+}
+
+/// Startup repair destroys every object that has no record. With no
+/// metadata at all (the file deleted, or truncated to nothing, which redb
+/// silently initializes as a new empty database) that is every snapshot, so
+/// refuse to start instead, before the database file is created.
+fn refuse_new_metadata_over_objects(path: &Path, backend: &dyn Backend) -> Result<()> {
+    let new = match std::fs::metadata(path) {
+        Ok(m) => m.len() == 0,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+        Err(e) => return Err(Error::io(format!("stat {}", path.display()), e)),
+    };
+    if !new {
+        return Ok(());
+    }
+    let found = backend.scan()?;
+    if found.is_empty() {
+        return Ok(());
+    }
+    let mut ids: Vec<u64> = found.iter().map(|f| f.id.0).collect();
+    ids.sort_unstable();
+    let shown: Vec<String> = ids.iter().take(10).map(u64::to_string).collect();
+    let more = if ids.len() > 10 { ", ..." } else { "" };
+    Err(Error::Unavailable(format!(
+        "damaged state: the metadata {} is missing or empty, but the root holds {} snapshot \
+         objects (ids {}{more}); refusing to start, as startup repair would destroy them all. \
+         Restore the metadata file, or delete the objects to start afresh",
+        path.display(),
+        ids.len(),
+        shown.join(", ")
+    )))
 }
 
 /// containerd never stores a label with an empty value: setting one to ""

@@ -6,11 +6,12 @@
 //! derived from its id, so the backend can list what exists after a crash
 //! and the core can reconcile it with the metadata (see docs/design.md).
 //!
-//! The shape fits btrfs (subvolumes, read-only flag) and ZFS (datasets,
-//! clones of `@` snapshots, `readonly=on`) alike.
+//! Two backends: [`btrfs`] (subvolumes, read-only flag) and [`zfs`] (datasets,
+//! clones of `@` snapshots, `readonly=on`).
 
 pub mod btrfs;
 pub mod sync_batch;
+pub mod zfs;
 
 use crate::error::{Error, Result};
 use crate::meta::ObjectRef;
@@ -141,8 +142,33 @@ pub trait Backend: Send + Sync {
         Ok(())
     }
 
+    /// Whether the object is there (a record's object can be deleted
+    /// outside cowsnap). Cheap: one lookup.
+    fn exists(&self, _obj: &ObjectRef, _kind: Kind) -> Result<bool> {
+        Ok(true)
+    }
+
     /// Where the object is, for people: a path or a dataset name.
     fn location(&self, obj: &ObjectRef, kind: Kind) -> String {
         format!("{kind}/{}", obj.id)
+    }
+
+    /// Takes over, as the committed object of snapshot `id`, an object that
+    /// a native receive (`btrfs receive`) made at `staged`: a path (or a
+    /// dataset name) on the backend's filesystem, outside its areas. Moves
+    /// it into the committed area, read-only, with its data durable, and
+    /// measures it; `parent` is the committed object an incremental stream
+    /// was received onto. Until it returns the staged object is the
+    /// caller's; once moved it is the object of `id` (an orphan if no
+    /// record follows). Used by import (src/transfer/).
+    fn adopt(
+        &self,
+        _id: SnapshotId,
+        _staged: &str,
+        _parent: Option<&ObjectRef>,
+    ) -> Result<(ObjectRef, Usage)> {
+        Err(Error::Unimplemented(
+            "importing a native stream is not available on this backend".into(),
+        ))
     }
 }

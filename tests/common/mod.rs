@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use cowsnap::backend::Backend;
 use cowsnap::backend::btrfs::BtrfsBackend;
 use cowsnap::backend::btrfs::testutil::LoopBtrfs;
+use cowsnap::backend::zfs::ZfsBackend;
+use cowsnap::backend::zfs::testutil::{ZfsMount, ZfsScratch};
 use cowsnap::client;
 use cowsnap::config::QuotaSetting;
 use cowsnap::meta::MetaStore;
@@ -25,6 +27,9 @@ pub struct Daemon {
     pub log: PathBuf,
     child: Option<Child>,
     failpoints: String,
+    /// With `COWSNAP_TEST_BACKEND=zfs`: the dataset the daemon keeps its
+    /// datasets under (the root then holds only the metadata).
+    zfs: Option<ZfsScratch>,
 }
 
 impl Daemon {
@@ -36,43 +41,40 @@ impl Daemon {
     /// Starts a daemon with `COWSNAP_FAILPOINTS` set to `spec`.
     pub async fn start_with_failpoints(spec: &str) -> Daemon {
         let fs = LoopBtrfs::new().expect("loop btrfs");
+        let mut d = Daemon::on(fs, spec);
+        d.use_backend_from_env();
+        d.spawn().await;
+        d
+    }
+
+    /// Starts a daemon on `fs` (e.g. a small filesystem made with
+    /// [`LoopBtrfs::new_in`]).
+    pub async fn start_on(fs: LoopBtrfs) -> Daemon {
+        let mut d = Daemon::on(fs, "");
+        d.spawn().await;
+        d
+    }
+
+    /// A fixture on `fs` whose daemon is not started yet.
+    pub fn on(fs: LoopBtrfs, spec: &str) -> Daemon {
         let root = fs.path().join("root");
         let socket = fs.path().join("cowsnap.sock");
         let log = fs.path().join("daemon.log");
-        let mut d = Daemon {
+        Daemon {
             fs,
             root,
             socket,
             log,
             child: None,
             failpoints: spec.to_owned(),
-        };
-        d.spawn().await;
-        d
+            zfs: None,
+        }
     }
 
     /// (Re)starts the daemon process on the same root.
     pub async fn spawn(&mut self) {
         assert!(self.child.is_none(), "daemon already running");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_cowsnap"))
-            .args(["serve", "--root"])
-            .arg(&self.root)
-            .arg("--address")
-            .arg(&self.socket)
-            .arg("--config")
-            .arg("/dev/null")
-            .env("RUST_LOG", "cowsnap=debug")
-            .env("COWSNAP_FAILPOINTS", &self.failpoints)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn cowsnap");
+        let child = self.command().spawn().expect("spawn cowsnap");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -88,6 +90,77 @@ impl Daemon {
                 self.log_text()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The daemon's command line, its stderr appended to the log.
+    fn command(&self) -> Command {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cowsnap"));
+        cmd.args(["serve", "--root"])
+            .arg(&self.root)
+            .arg("--address")
+            .arg(&self.socket)
+            .arg("--config")
+            .arg(self.config_path())
+            .env("RUST_LOG", "cowsnap=debug")
+            .env("COWSNAP_FAILPOINTS", &self.failpoints)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        cmd
+    }
+
+    /// Starts the daemon expecting it to refuse to start: waits for it to
+    /// exit (panics if it serves instead) and returns its exit status and
+    /// what it logged in this run.
+    pub fn spawn_expect_exit(&mut self) -> (std::process::ExitStatus, String) {
+        assert!(self.child.is_none(), "daemon already running");
+        let before = self.log_text().len();
+        let mut child = self.command().spawn().expect("spawn cowsnap");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                break status;
+            }
+            if Instant::now() > deadline
+                || std::os::unix::net::UnixStream::connect(&self.socket).is_ok()
+            {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "the daemon served instead of refusing to start:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let log = self.log_text();
+        (status, log.get(before..).unwrap_or_default().to_owned())
+    }
+
+    /// The daemon's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Whether the daemon process is still running (not exited).
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => c.try_wait().expect("wait").is_none(),
+            None => false,
+        }
+    }
+
+    /// Kills the daemon with SIGKILL (a crash) and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
         }
     }
 
@@ -149,7 +222,7 @@ impl Daemon {
     pub fn check_consistent(&self) -> (usize, usize) {
         assert!(self.child.is_none(), "stop the daemon first");
         let meta = MetaStore::open(&self.root.join("metadata.redb")).expect("open metadata");
-        let backend = BtrfsBackend::open(&self.root, QuotaSetting::Auto).expect("open backend");
+        let backend = self.backend();
         let records = meta.all().expect("records");
         let objects = backend.scan().expect("scan");
         let rec_ids: BTreeSet<u64> = records.iter().map(|(_, r)| r.id.0).collect();
@@ -177,6 +250,102 @@ impl Daemon {
     }
 }
 
+/// What the metadata and the filesystem hold, compared record by record
+/// (see [`Daemon::inventory`]). Every list should be empty.
+#[derive(Debug, Default)]
+pub struct Inventory {
+    /// Every record, in key order.
+    pub records: Vec<(String, cowsnap::meta::Record)>,
+    /// Records whose filesystem object is missing.
+    pub dangling: Vec<String>,
+    /// Subvolumes of the filesystem that no record owns (nested
+    /// subvolumes inside a recorded object belong to it).
+    pub leaked: Vec<String>,
+    /// Records whose object is in the wrong area or has the wrong
+    /// read-only flag.
+    pub misplaced: Vec<String>,
+    /// Records whose parent is missing or not committed.
+    pub bad_parent: Vec<String>,
+}
+
+impl Inventory {
+    /// True when metadata and filesystem agree.
+    pub fn is_clean(&self) -> bool {
+        self.dangling.is_empty()
+            && self.leaked.is_empty()
+            && self.misplaced.is_empty()
+            && self.bad_parent.is_empty()
+    }
+}
+
+impl Daemon {
+    /// Compares, with the daemon stopped, the metadata with every subvolume
+    /// of the filesystem, without panicking, so callers can count.
+    pub fn inventory(&self) -> Inventory {
+        use cowsnap::backend::btrfs::ioctl::{SubvolId, child_subvolumes};
+        use cowsnap::model::Kind;
+        use std::os::fd::AsFd;
+        assert!(self.child.is_none(), "stop the daemon first");
+        let meta = MetaStore::open(&self.root.join("metadata.redb")).expect("open metadata");
+        let backend = self.backend();
+        let records = meta.all().expect("records");
+        drop(meta);
+        let objects = backend.scan().expect("scan");
+        // ZFS: the scan is the whole story (nothing nests in datasets).
+        let subvols = if self.zfs.is_some() {
+            Vec::new()
+        } else {
+            let top = std::fs::File::open(self.fs.path()).expect("open fs");
+            child_subvolumes(top.as_fd(), SubvolId::TOP_LEVEL).expect("subvolumes")
+        };
+        let mut inv = Inventory::default();
+        for (key, r) in &records {
+            match objects.iter().find(|o| o.id == r.id) {
+                None => inv.dangling.push(format!("{key:?} (id {})", r.id)),
+                Some(o) => {
+                    if o.area != r.kind || o.readonly != (r.kind != Kind::Active) {
+                        inv.misplaced.push(format!(
+                            "{key:?}: {} record, object in {} (read-only {})",
+                            r.kind, o.area, o.readonly
+                        ));
+                    }
+                    if o.native != r.object.native {
+                        inv.misplaced.push(format!(
+                            "{key:?}: record says subvolume {}, found {}",
+                            r.object.native, o.native
+                        ));
+                    }
+                }
+            }
+            if let Some(p) = &r.parent {
+                match records.iter().find(|(k, _)| k == p) {
+                    Some((_, pr)) if pr.kind == Kind::Committed && Some(pr.id) == r.parent_id => {}
+                    Some((_, pr)) => inv
+                        .bad_parent
+                        .push(format!("{key:?}: parent {p:?} is {} id {}", pr.kind, pr.id)),
+                    None => inv
+                        .bad_parent
+                        .push(format!("{key:?}: parent {p:?} missing")),
+                }
+            }
+        }
+        for o in &objects {
+            if !records.iter().any(|(_, r)| r.id == o.id) {
+                inv.leaked.push(format!("object {} in {}", o.id, o.area));
+            }
+        }
+        for s in subvols {
+            let owned = records.iter().any(|(_, r)| r.object.native == s.0);
+            let scanned = objects.iter().any(|o| o.native == s.0);
+            if !owned && !scanned {
+                inv.leaked.push(format!("subvolume {s}"));
+            }
+        }
+        inv.records = records;
+        inv
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -185,6 +354,9 @@ impl Drop for Daemon {
         }
         if std::thread::panicking() {
             eprintln!("--- daemon log ---\n{}", self.log_text());
+        }
+        if let Some(z) = &self.zfs {
+            forget_zfs_mounts(z.dataset());
         }
     }
 }
@@ -231,6 +403,7 @@ pub async fn commit(
     name: &str,
     key: &str,
 ) -> Result<(), tonic::Status> {
+    release_mounts(c, key).await;
     c.commit(pb::CommitSnapshotRequest {
         snapshotter: "cowsnap".into(),
         name: name.into(),
@@ -243,6 +416,7 @@ pub async fn commit(
 }
 
 pub async fn remove(c: &mut SnapshotsClient<Channel>, key: &str) -> Result<(), tonic::Status> {
+    release_mounts(c, key).await;
     c.remove(pb::RemoveSnapshotRequest {
         snapshotter: "cowsnap".into(),
         key: key.into(),
@@ -298,11 +472,26 @@ pub async fn cleanup(c: &mut SnapshotsClient<Channel>) -> Result<(), tonic::Stat
     .map(|_| ())
 }
 
-/// The directory a bind mount of a snapshot exposes.
+/// The directory holding a snapshot's files: a bind mount's source, or
+/// (ZFS) a mount of the dataset, made once and kept until the snapshot is
+/// committed or removed through [`commit`] or [`remove`], as containerd
+/// unmounts before those calls.
 pub fn mount_dir(mounts: &[cowsnap::proto::containerd::types::Mount]) -> PathBuf {
     assert_eq!(mounts.len(), 1, "one mount expected: {mounts:?}");
-    assert_eq!(mounts[0].r#type, "bind");
-    PathBuf::from(&mounts[0].source)
+    let m = &mounts[0];
+    if m.r#type == "zfs" {
+        let mut held = zfs_mounts();
+        if let Some((_, mount)) = held.iter().find(|(src, _)| *src == m.source) {
+            return mount.path().to_owned();
+        }
+        let readonly = m.options.iter().any(|o| o == "ro");
+        let mount = ZfsMount::new(&m.source, readonly).expect("mount dataset");
+        let dir = mount.path().to_owned();
+        held.push((m.source.clone(), mount));
+        return dir;
+    }
+    assert_eq!(m.r#type, "bind");
+    PathBuf::from(&m.source)
 }
 
 /// Writes `len` bytes of a repeatable pattern to `path`.
@@ -319,4 +508,189 @@ pub fn has_pattern(path: &Path, len: usize, seed: u8) -> bool {
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
         .collect();
     std::fs::read(path).map(|d| d == want).unwrap_or(false)
+}
+
+// --- backend selection (COWSNAP_TEST_BACKEND) ------------------------------
+
+/// Whether the tests run against the ZFS backend
+/// (`COWSNAP_TEST_BACKEND=zfs`; btrfs otherwise). hack/vm-test sets it in
+/// its guest, with `COWSNAP_TEST_ZPOOL` naming the pool.
+pub fn backend_is_zfs() -> bool {
+    std::env::var("COWSNAP_TEST_BACKEND").is_ok_and(|b| b == "zfs")
+}
+
+/// For tests of btrfs-only behaviour: true (and says so) on ZFS, where the
+/// caller returns early.
+pub fn skip_on_zfs(what: &str) -> bool {
+    if backend_is_zfs() {
+        eprintln!("skipped on zfs: {what}");
+    }
+    backend_is_zfs()
+}
+
+/// The options the backend puts on a snapshot's mount, writable or not.
+pub fn base_options(writable: bool) -> Vec<String> {
+    let mode = if writable { "rw" } else { "ro" };
+    if backend_is_zfs() {
+        vec![mode.into()]
+    } else {
+        vec!["rbind".into(), mode.into()]
+    }
+}
+
+impl Daemon {
+    /// Switches a fixture made by [`Daemon::on`] to the backend the
+    /// environment asks for.
+    fn use_backend_from_env(&mut self) {
+        if !backend_is_zfs() {
+            return;
+        }
+        let scratch = ZfsScratch::new().expect("zfs scratch dataset").expect(
+            "COWSNAP_TEST_BACKEND=zfs needs ZFS: set COWSNAP_TEST_ZPOOL (hack/vm-test does)",
+        );
+        let config = format!(
+            "backend = \"zfs\"\n[zfs]\ndataset = \"{}/cowsnap\"\n",
+            scratch.dataset()
+        );
+        std::fs::write(self.config_path_zfs(), config).expect("write zfs config");
+        self.zfs = Some(scratch);
+    }
+
+    fn config_path_zfs(&self) -> PathBuf {
+        self.fs.path().join("config-zfs.toml")
+    }
+
+    fn config_path(&self) -> PathBuf {
+        if self.zfs.is_some() {
+            self.config_path_zfs()
+        } else {
+            PathBuf::from("/dev/null")
+        }
+    }
+
+    /// The parent dataset of a ZFS daemon.
+    pub fn zfs_dataset(&self) -> Option<String> {
+        self.zfs
+            .as_ref()
+            .map(|z| format!("{}/cowsnap", z.dataset()))
+    }
+
+    /// The daemon's backend, opened on its root or dataset (daemon stopped).
+    pub fn backend(&self) -> Box<dyn Backend> {
+        match self.zfs_dataset() {
+            Some(ds) => Box::new(ZfsBackend::open(&ds).expect("open zfs backend")),
+            None => {
+                Box::new(BtrfsBackend::open(&self.root, QuotaSetting::Auto).expect("open backend"))
+            }
+        }
+    }
+
+    /// Makes an object in `area` (active, view, committed) behind cowsnap's
+    /// back, as a crash or another tool would leave it.
+    pub fn create_foreign_object(&self, area: &str, id: u64) {
+        let ok = match self.zfs_dataset() {
+            Some(ds) => Command::new("zfs")
+                .args(["create", "-o", "mountpoint=legacy"])
+                .arg(format!("{ds}/{area}/{id}"))
+                .status(),
+            None => Command::new("btrfs")
+                .args(["-q", "subvolume", "create"])
+                .arg(self.root.join(area).join(id.to_string()))
+                .status(),
+        };
+        assert!(ok.expect("run").success(), "creating {area}/{id}");
+    }
+
+    /// Whether the object `area/id` exists.
+    pub fn object_exists(&self, area: &str, id: u64) -> bool {
+        match self.zfs_dataset() {
+            Some(ds) => Command::new("zfs")
+                .args(["list", "-H", "-o", "name"])
+                .arg(format!("{ds}/{area}/{id}"))
+                .stderr(Stdio::null())
+                .stdout(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success()),
+            None => self.root.join(area).join(id.to_string()).exists(),
+        }
+    }
+
+    /// Asserts that `mounts` expose an object of `area`, named by its id.
+    pub fn assert_mount_in_area(
+        &self,
+        mounts: &[cowsnap::proto::containerd::types::Mount],
+        area: &str,
+    ) {
+        let source = &mounts[0].source;
+        let prefix = match self.zfs_dataset() {
+            Some(ds) => format!("{ds}/{area}/"),
+            None => format!("{}/", self.root.join(area).display()),
+        };
+        let name = source
+            .strip_prefix(&prefix)
+            .unwrap_or_else(|| panic!("{source} is not in {prefix}"));
+        assert!(
+            !name.is_empty() && name.bytes().all(|b| b.is_ascii_digit()),
+            "{source}"
+        );
+    }
+
+    /// Makes usage figures current: ZFS updates `written` when a
+    /// transaction group is synced.
+    pub fn sync_usage(&self) {
+        nix::unistd::sync();
+        if let Some(ds) = self.zfs_dataset() {
+            let pool = ds.split('/').next().unwrap_or_default().to_owned();
+            let st = Command::new("zpool").args(["sync", &pool]).status();
+            assert!(st.expect("zpool sync").success());
+        }
+    }
+}
+
+/// ZFS mounts made by [`mount_dir`]: (dataset, mount).
+fn zfs_mounts() -> std::sync::MutexGuard<'static, Vec<(String, ZfsMount)>> {
+    static HELD: std::sync::Mutex<Vec<(String, ZfsMount)>> = std::sync::Mutex::new(Vec::new());
+    HELD.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Unmounts what [`mount_dir`] mounted for `key` (ZFS), before a commit or
+/// remove, as containerd does.
+pub async fn release_mounts(c: &mut SnapshotsClient<Channel>, key: &str) {
+    if zfs_mounts().is_empty() {
+        return;
+    }
+    let Ok(r) = c
+        .mounts(pb::MountsRequest {
+            snapshotter: "cowsnap".into(),
+            key: key.into(),
+        })
+        .await
+    else {
+        return;
+    };
+    let sources: Vec<String> = r
+        .into_inner()
+        .mounts
+        .into_iter()
+        .map(|m| m.source)
+        .collect();
+    let released: Vec<(String, ZfsMount)> = {
+        let mut held = zfs_mounts();
+        let (gone, kept) = held.drain(..).partition(|(src, _)| sources.contains(src));
+        *held = kept;
+        gone
+    };
+    drop(released);
+}
+
+/// Unmounts every mount [`mount_dir`] made of datasets below `dataset`.
+fn forget_zfs_mounts(dataset: &str) {
+    let below = format!("{dataset}/");
+    let released: Vec<(String, ZfsMount)> = {
+        let mut held = zfs_mounts();
+        let (gone, kept) = held.drain(..).partition(|(src, _)| src.starts_with(&below));
+        *held = kept;
+        gone
+    };
+    drop(released);
 }

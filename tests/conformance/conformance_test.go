@@ -29,7 +29,10 @@
 // sets how many daemons run at once.
 //
 // Optional: COWSNAP_LOG_DIR keeps the daemon logs there instead of in a
-// temp dir that is removed afterwards.
+// temp dir that is removed afterwards. COWSNAP_ZFS_PARENT (an existing
+// dataset) runs every daemon on the ZFS backend instead, each with its own
+// dataset <parent>/c<n> (hack/conformance.sh with CONFORMANCE_ZPOOL sets
+// it up and destroys it afterwards).
 package conformance
 
 import (
@@ -42,6 +45,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -85,7 +89,7 @@ func TestCowsnap(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	h := &harness{bin: bin, logDir: logDir}
+	h := &harness{bin: bin, logDir: logDir, zfsParent: os.Getenv("COWSNAP_ZFS_PARENT")}
 	// Parallel subtests finish before the parent's cleanups run, and a failing
 	// subtest marks the parent failed, so this sees the final verdict.
 	t.Cleanup(func() {
@@ -98,6 +102,8 @@ func TestCowsnap(t *testing.T) {
 
 type harness struct {
 	bin, logDir string
+	zfsParent   string       // ZFS backend when set
+	cases       atomic.Int64 // numbers the cases' datasets
 
 	mu      sync.Mutex
 	daemons []daemonLog
@@ -119,7 +125,18 @@ func (h *harness) start(ctx context.Context, root string) (snapshots.Snapshotter
 	h.daemons = append(h.daemons, daemonLog{root: root, path: logFile.Name()})
 	h.mu.Unlock()
 
-	cmd := exec.Command(h.bin, "serve", "--root", root, "--address", sock)
+	args := []string{"serve", "--root", root, "--address", sock}
+	if h.zfsParent != "" {
+		dataset := fmt.Sprintf("%s/c%d", h.zfsParent, h.cases.Add(1))
+		config := filepath.Join(filepath.Dir(root), "cowsnap.toml")
+		text := fmt.Sprintf("backend = \"zfs\"\n[zfs]\ndataset = %q\n", dataset)
+		if err := os.WriteFile(config, []byte(text), 0o644); err != nil {
+			logFile.Close()
+			return nil, nil, err
+		}
+		args = append(args, "--config", config)
+	}
+	cmd := exec.Command(h.bin, args...)
 	cmd.Env = append(os.Environ(), "NO_COLOR=1") // plain text logs
 	cmd.Stdout = logFile
 	cmd.Stderr = logFile

@@ -229,14 +229,46 @@ struct QuotaRescanArgs {
 }
 const _: () = assert!(size_of::<QuotaRescanArgs>() == 64);
 
+/// `struct btrfs_ioctl_timespec`.
+#[repr(C)]
+struct IoctlTimespec {
+    sec: u64,
+    nsec: u32,
+}
+const _: () = assert!(size_of::<IoctlTimespec>() == 16);
+
+/// `struct btrfs_ioctl_get_subvol_info_args`.
+#[repr(C)]
+struct GetSubvolInfoArgs {
+    treeid: u64,
+    name: [u8; BTRFS_NAME_LEN + 1],
+    parent_id: u64,
+    dirid: u64,
+    generation: u64,
+    flags: u64,
+    uuid: [u8; 16],
+    parent_uuid: [u8; 16],
+    received_uuid: [u8; 16],
+    ctransid: u64,
+    otransid: u64,
+    stransid: u64,
+    rtransid: u64,
+    ctime: IoctlTimespec,
+    otime: IoctlTimespec,
+    stime: IoctlTimespec,
+    rtime: IoctlTimespec,
+    reserved: [u64; 8],
+}
+const _: () = assert!(size_of::<GetSubvolInfoArgs>() == 504);
+
 /// The raw ioctls. nix derives each request number from the direction, magic, number and
 /// `size_of` the argument type, exactly like the kernel's `_IOW`/`_IOR`/`_IOWR` macros;
 /// the size assertions above keep those numbers right. Private: only the safe wrappers
 /// below call them.
 mod raw {
     use super::{
-        BTRFS_IOCTL_MAGIC, FsInfoArgs, InoLookupArgs, QgroupCreateArgs, QgroupLimitArgs,
-        QuotaCtlArgs, QuotaRescanArgs, SearchArgs, VolArgs, VolArgsV2,
+        BTRFS_IOCTL_MAGIC, FsInfoArgs, GetSubvolInfoArgs, InoLookupArgs, QgroupCreateArgs,
+        QgroupLimitArgs, QuotaCtlArgs, QuotaRescanArgs, SearchArgs, VolArgs, VolArgsV2,
     };
 
     nix::ioctl_none!(sync, BTRFS_IOCTL_MAGIC, 8);
@@ -255,6 +287,7 @@ mod raw {
     nix::ioctl_write_ptr!(quota_rescan, BTRFS_IOCTL_MAGIC, 44, QuotaRescanArgs);
     nix::ioctl_none!(quota_rescan_wait, BTRFS_IOCTL_MAGIC, 46);
     nix::ioctl_write_ptr!(snap_destroy_v2, BTRFS_IOCTL_MAGIC, 63, VolArgsV2);
+    nix::ioctl_read!(get_subvol_info, BTRFS_IOCTL_MAGIC, 60, GetSubvolInfoArgs);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -498,6 +531,44 @@ pub fn set_readonly(fd: BorrowedFd, readonly: bool) -> nix::Result<()> {
     // live `new`.
     unsafe { raw::subvol_setflags(fd.as_raw_fd(), &new) }?;
     Ok(())
+}
+
+/// Identity of a subvolume as send/receive sees it ([`subvolume_info`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubvolInfo {
+    /// The subvolume's id.
+    pub id: SubvolId,
+    /// Its own UUID.
+    pub uuid: [u8; 16],
+    /// UUID of the subvolume it is a snapshot of (zero if none).
+    pub parent_uuid: [u8; 16],
+    /// UUID of the subvolume it was received from (zero if not received).
+    pub received_uuid: [u8; 16],
+    /// Transid of its last change.
+    pub ctransid: u64,
+    /// Transid of the sent subvolume when it was received (0 if not received).
+    pub stransid: u64,
+}
+
+/// Identity of the subvolume `fd` belongs to (`BTRFS_IOC_GET_SUBVOL_INFO`; needs no
+/// privilege). `btrfs send` names a subvolume by its received UUID if it has one, else by
+/// its own UUID, and `btrfs receive` finds an incremental stream's parent by the same rule.
+pub fn subvolume_info(fd: BorrowedFd) -> nix::Result<SubvolInfo> {
+    // SAFETY: GetSubvolInfoArgs is plain integers and byte arrays, for which all-zero
+    // bytes are a valid value.
+    let mut args: GetSubvolInfoArgs = unsafe { std::mem::zeroed() };
+    // SAFETY: `args` is a live, exclusively borrowed GetSubvolInfoArgs laid out like
+    // struct btrfs_ioctl_get_subvol_info_args (504 bytes, asserted above); the kernel
+    // writes only within it.
+    unsafe { raw::get_subvol_info(fd.as_raw_fd(), &mut args) }?;
+    Ok(SubvolInfo {
+        id: SubvolId(args.treeid),
+        uuid: args.uuid,
+        parent_uuid: args.parent_uuid,
+        received_uuid: args.received_uuid,
+        ctransid: args.ctransid,
+        stransid: args.stransid,
+    })
 }
 
 /// Deletes subvolume `id` (`BTRFS_IOC_SNAP_DESTROY_V2` with `BTRFS_SUBVOL_SPEC_BY_ID`).

@@ -447,8 +447,65 @@ impl Backend for BtrfsBackend {
         }
     }
 
+    fn exists(&self, obj: &ObjectRef, kind: Kind) -> Result<bool> {
+        let path = self.path_of(kind, obj.id);
+        match fs::symlink_metadata(&path) {
+            Ok(md) => Ok(md.is_dir() && md.ino() == SUBVOL_ROOT_INODE),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(Error::io(format!("stat {}", path.display()), e)),
+        }
+    }
+
     fn location(&self, obj: &ObjectRef, kind: Kind) -> String {
         self.path_of(kind, obj.id).display().to_string()
+    }
+
+    fn adopt(
+        &self,
+        id: SnapshotId,
+        staged: &str,
+        parent: Option<&ObjectRef>,
+    ) -> Result<(ObjectRef, Usage)> {
+        let staged = Path::new(staged);
+        let to = self.path_of(Kind::Committed, id);
+        let md = fs::symlink_metadata(staged).context(|| format!("stat {}", staged.display()))?;
+        if !md.is_dir() || md.ino() != SUBVOL_ROOT_INODE {
+            return Err(Error::InvalidArgument(format!(
+                "{} is not a subvolume",
+                staged.display()
+            )));
+        }
+        let fd = open_dir(staged)?;
+        let native = ioctl::subvolume_id(fd.as_fd())
+            .context(|| format!("subvolume id of {}", staged.display()))?;
+        // A read-only subvolume cannot move to another directory. Clearing
+        // the flag with the ioctl keeps a received subvolume's received
+        // UUID (btrfs-progs' `property set -f ro false` clears it itself),
+        // so later incremental streams still find it as their parent.
+        ioctl::set_readonly(fd.as_fd(), false)
+            .context(|| format!("clear read-only {}", staged.display()))?;
+        fs::rename(staged, &to)
+            .context(|| format!("rename {} to {}", staged.display(), to.display()))?;
+        self.syncs
+            .sync(|| ioctl::sync_fs(fd.as_fd()).map_err(std::io::Error::from))
+            .context(|| format!("syncfs {}", to.display()))?;
+        ioctl::set_readonly(fd.as_fd(), true)
+            .context(|| format!("set read-only {}", to.display()))?;
+        let inode_base = match parent {
+            Some(p) => {
+                let pfd = open_dir(&self.path_of(Kind::Committed, p.id))?;
+                ioctl::highest_inode(pfd.as_fd())
+                    .context(|| format!("reading inodes of object {}", p.id))?
+            }
+            None => SUBVOL_ROOT_INODE,
+        };
+        let obj = ObjectRef {
+            id,
+            native: native.0,
+            inode_base,
+        };
+        let usage = self.measure(&obj, fd.as_fd())?;
+        Ok((obj, usage))
     }
 }
 
@@ -487,7 +544,21 @@ fn ensure_quota(root: &Path, fd: BorrowedFd<'_>, want: QuotaSetting) -> Result<Q
     };
     ioctl::quota_enable(fd, mode)
         .context(|| format!("enabling {mode:?} quotas on {}", root.display()))?;
-    info!(root = %root.display(), ?mode, "enabled btrfs quotas");
+    let existing: usize = [Kind::Active, Kind::View, Kind::Committed]
+        .iter()
+        .filter_map(|k| fs::read_dir(root.join(area_name(*k))).ok())
+        .map(|entries| entries.count())
+        .sum();
+    if existing > 0 {
+        warn!(
+            root = %root.display(), ?mode, objects = existing,
+            "quotas were off although snapshots exist (disabled outside cowsnap?); enabled them again. \
+             Usage of the existing snapshots is under-counted with simple quotas (their bytes were \
+             written while nothing counted them); full qgroups recount after their rescan"
+        );
+    } else {
+        info!(root = %root.display(), ?mode, "enabled btrfs quotas");
+    }
     Ok(mode)
 }
 
