@@ -207,7 +207,7 @@ async fn every_command_answers_in_text_and_json() {
     let header = report.lines().next().unwrap();
     assert!(header.starts_with("ID   KEY    KIND "), "{report}");
     assert!(header.contains(" EXCLUSIVE   REFERENCED "), "{report}");
-    assert!(header.ends_with(" CHAIN"), "{report}");
+    assert!(header.ends_with(" CHAIN   LIMIT"), "{report}");
     for line in ["Accounted:", "Unaccounted:", "Filesystem:", "Quota:"] {
         assert!(report.contains(line), "{line} in {report}");
     }

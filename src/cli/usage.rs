@@ -198,6 +198,9 @@ pub struct UsageRow {
     /// chain rows).
     #[serde(rename = "chain_bytes")]
     pub chain: Option<u64>,
+    /// Size limit of the snapshot, if one is set (snapshot rows).
+    #[serde(rename = "limit_bytes")]
+    pub limit: Option<u64>,
 }
 
 /// What `usage` was asked.
@@ -241,6 +244,7 @@ pub fn compute(snaps: &[pb::Snapshot], query: &UsageQuery) -> UsageTable {
         exclusive: exclusive(s),
         referenced: Some(referenced(s)),
         chain: Some(lin.chain[i]),
+        limit: (s.limit_bytes != 0).then_some(s.limit_bytes),
     };
     let mut rows: Vec<UsageRow> = match &query.by {
         GroupBy::Snapshot => snaps
@@ -274,6 +278,7 @@ pub fn compute(snaps: &[pb::Snapshot], query: &UsageQuery) -> UsageTable {
                     exclusive: excl,
                     referenced: None,
                     chain: None,
+                    limit: None,
                 })
                 .collect()
         }
@@ -296,6 +301,7 @@ pub fn compute(snaps: &[pb::Snapshot], query: &UsageQuery) -> UsageTable {
                     exclusive: excl,
                     referenced: None,
                     chain: None,
+                    limit: None,
                 })
                 .collect()
         }
@@ -415,6 +421,7 @@ pub fn render(t: &UsageTable, snapshots: usize, fs: &pb::FilesystemSpace) -> Str
                 ("EXCLUSIVE", Align::Right),
                 ("REFERENCED", Align::Right),
                 ("CHAIN", Align::Right),
+                ("LIMIT", Align::Right),
             ]);
             for r in &t.rows {
                 tab.row(vec![
@@ -424,6 +431,7 @@ pub fn render(t: &UsageTable, snapshots: usize, fs: &pb::FilesystemSpace) -> Str
                     human_bytes(r.exclusive),
                     opt_bytes(r.referenced),
                     opt_bytes(r.chain),
+                    opt_bytes(r.limit),
                 ]);
             }
             tab
@@ -738,7 +746,7 @@ mod tests {
         );
         let text = render(&t, 6, &fs);
         assert!(
-            text.starts_with("ID   KEY   KIND        EXCLUSIVE   REFERENCED   CHAIN\n"),
+            text.starts_with("ID   KEY   KIND        EXCLUSIVE   REFERENCED   CHAIN   LIMIT\n"),
             "{text}"
         );
         assert!(
