@@ -1,6 +1,10 @@
-//! End-to-end: cowsnap as containerd's snapshotter, with Debian's containerd
-//! 1.6, ctr and runc, started by the test with its own config, root, state
-//! and sockets (see `e2e/harness.rs`), cowsnap on a loop-backed btrfs.
+//! End-to-end: cowsnap as containerd's snapshotter, with Debian's runc and
+//! each containerd release users run: 1.6 (the host's, Debian bookworm),
+//! 1.7 and 2.x (Debian trixie's and sid's packages, unpacked under
+//! /var/cache/cowsnap-test by `hack/containerd-releases`), each started by
+//! the test with its own config (`version = 2`, or `version = 3` for 2.x),
+//! root, state and sockets (see `e2e/harness.rs`), cowsnap on a
+//! loop-backed btrfs. One test per release, run one after the other.
 //!
 //! No registry: `e2e/build-image.py` builds a three-layer OCI image (busybox;
 //! thousands of small files with a hard link, a symlink and an xattr;
@@ -9,18 +13,23 @@
 //! `ctr snapshots`, restarts each daemon while the other keeps running,
 //! lets containerd's garbage collector remove everything and checks the
 //! filesystem is empty again. Facts are checked through containerd and
-//! directly against cowsnap (its socket, its root, `btrfs`).
+//! directly against cowsnap (its socket, its root, `btrfs`). On 2.x it also
+//! runs user-namespaced containers (`ctr run --uidmap --gidmap
+//! --remap-labels`) with two mappings next to one without, and checks that
+//! the layers are shared, not copied or chowned.
 //!
 //! Needs root, containerd, runc, btrfs-progs, python3 and apt (for the
-//! busybox package): `hack/test` runs it; alone:
+//! busybox package and the other releases): `hack/test` runs it; alone:
 //!
 //! ```sh
+//! hack/containerd-releases
 //! cargo test --test e2e -- --ignored --nocapture
 //! ```
 //!
 //! `COWSNAP_E2E_FAIL_AT=<stage>` makes the test fail on purpose at the
 //! start of a stage (`import`, `containers`, `snapshots`, `restart-cowsnap`,
-//! `restart-containerd`, `gc`), to see that teardown leaves nothing behind.
+//! `restart-containerd`, `remap`, `gc`), to see that teardown leaves nothing
+//! behind.
 
 #[path = "e2e/cleanup.rs"]
 mod cleanup;
@@ -30,11 +39,12 @@ mod harness;
 mod observe;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use cowsnap::proto::containerd::services::snapshots::v1 as pb;
-use harness::Env;
+use harness::{Env, Release};
 use observe::{
     Image, build_image, by_ctr_key, committed_chain, ctr_key, data_used, get_xattr, parse_ls,
     parse_usage, subvolume_uuids,
@@ -59,12 +69,37 @@ struct Figures {
     checks: usize,
 }
 
+/// One release at a time: the runs share the process's containerd
+/// namespace name (teardown kills its cgroups) and /run/containerd.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root, containerd and runc: run by hack/test, or `cargo test --test e2e -- --ignored --nocapture`"]
-async fn containerd_runs_containers_on_cowsnap_and_gc_empties_the_filesystem() {
+async fn containerd_1_6_runs_containers_on_cowsnap_and_gc_empties_the_filesystem() {
+    scenario(Release::host()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root, runc and containerd 1.7 (hack/containerd-releases): run by hack/test"]
+async fn containerd_1_7_runs_containers_on_cowsnap_and_gc_empties_the_filesystem() {
+    scenario(Release::cached("1.7", "1.7.", 2)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root, runc and containerd 2.x (hack/containerd-releases): run by hack/test"]
+async fn containerd_2_runs_containers_and_user_namespaced_ones_on_shared_layers() {
+    scenario(Release::cached("2.x", "2.", 3)).await;
+}
+
+/// The whole scenario against one release; the user-namespace stage only
+/// where containerd mounts a snapshotter's `uidmap=`/`gidmap=` mounts
+/// idmapped (2.x).
+async fn scenario(release: Release) {
+    let _one = ONE_AT_A_TIME.lock().await;
     let started = Instant::now();
     let image = build_image();
-    let env = Env::new(started);
+    let remap = release.config_version >= 3;
+    let env = Env::new(started, release);
     let cleanup = env.interrupt_cleanup();
     tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
@@ -81,7 +116,11 @@ async fn containerd_runs_containers_on_cowsnap_and_gc_empties_the_filesystem() {
         cleanup();
         std::process::exit(130);
     });
-    env.progress(format!("temp dir {}", env.dir.display()));
+    env.progress(format!(
+        "containerd {}: temp dir {}",
+        env.release.name,
+        env.dir.display()
+    ));
     let mut t = T {
         env,
         image,
@@ -101,6 +140,16 @@ async fn containerd_runs_containers_on_cowsnap_and_gc_empties_the_filesystem() {
     t.restart_cowsnap().await;
     t.stage("restart-containerd");
     t.restart_containerd().await;
+    if remap {
+        t.stage("remap");
+        t.user_namespaces().await;
+    } else {
+        t.env.progress(format!(
+            "remap: skipped: containerd {} does not mount `uidmap=` mounts idmapped \
+             (2.x does)",
+            t.env.release.name
+        ));
+    }
     t.stage("gc");
     t.garbage_collection().await;
     t.stage("shutdown");
@@ -655,6 +704,321 @@ impl T {
         self.settle().await;
     }
 
+    /// User-namespaced containers on the image's layers, without copying
+    /// them: two mappings and no mapping side by side. Inside, the image's
+    /// files and new ones belong to root; from the host (through the
+    /// container's root) they belong to the mapped ids; the committed
+    /// layers keep their owners and are shared (no new committed
+    /// snapshot, each container's snapshot holds only what it wrote).
+    async fn user_namespaces(&mut self) {
+        let name = self.image.name.clone();
+        let committed_before = self.env.area("committed");
+        let layers_before: Vec<String> = self
+            .env
+            .cowsnap_list()
+            .await
+            .into_iter()
+            .filter(|i| i.kind == pb::Kind::Committed as i32)
+            .map(|i| i.name)
+            .collect();
+        self.mapping_labels_directly(&layers_before).await;
+        // (container, mapping, host id of the container's root)
+        let runs: [(&str, Option<&str>, u32); 3] = [
+            ("e2e-userns-a", Some("0:100000:65536"), 100_000),
+            ("e2e-userns-b", Some("0:200000:65536"), 200_000),
+            ("e2e-userns-none", None, 0),
+        ];
+        let t0 = Instant::now();
+        let mut starts = Vec::new();
+        for (id, map, _) in runs {
+            let t = Instant::now();
+            let mut args = vec!["-d"];
+            if let Some(m) = map {
+                args.extend(["--uidmap", m, "--gidmap", m, "--remap-labels"]);
+            }
+            args.extend([name.as_str(), id, "sh", "-c", USERNS_SCRIPT]);
+            let out = self.env.ctr_run(&args, false);
+            self.check(out.status.success(), || {
+                format!("starting {id} (mapping {map:?}): {out:?}")
+            });
+            starts.push(format!("{id} {:.2}s", t.elapsed().as_secs_f64()));
+        }
+        self.env
+            .progress(format!("`ctr run -d` took: {}", starts.join(", ")));
+        let mut facts = BTreeMap::new();
+        for (id, map, host) in runs {
+            let pid = self
+                .task_pid(id)
+                .unwrap_or_else(|| panic!("no task {id} in `ctr tasks ls`"));
+            let root = PathBuf::from(format!("/proc/{pid}/root"));
+            self.env.wait_until(
+                &format!("{id} to report ready"),
+                Duration::from_secs(60),
+                |_| root.join("ready").exists(),
+            );
+            let text = std::fs::read_to_string(root.join("facts")).expect("the container's /facts");
+            let seen: BTreeMap<String, String> = text
+                .lines()
+                .filter_map(|l| l.split_once('='))
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect();
+            // Inside: root's files are root's, whatever the mapping.
+            let want: BTreeMap<String, String> = [
+                ("id", "0:0"),
+                ("busybox", "0:0"),
+                ("file", "0:0"),
+                ("owned", "1000:1000:640"),
+                ("written", "0:0"),
+                ("hard", "2:same"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+            self.check_eq(&seen, &want, &format!("{id} (mapping {map:?}) sees"));
+            // From the host, through the container's root: the mapped ids.
+            for (path, uid) in [
+                ("bin/busybox", host),
+                ("many/d00/f000", host),
+                ("many/hard", host),
+                ("many/owned.txt", host + 1000),
+                ("written", host),
+            ] {
+                let md = std::fs::metadata(root.join(path))
+                    .unwrap_or_else(|e| panic!("stat {}/{path}: {e}", root.display()));
+                self.check_eq(
+                    (md.uid(), md.gid()),
+                    (uid, uid),
+                    &format!("{id}: owner of /{path} seen from the host"),
+                );
+            }
+            // The hard link is still one inode with two names.
+            let (a, b) = (root.join("many/hard"), root.join("many/d00/f000"));
+            let (a, b) = (
+                std::fs::metadata(&a).expect("stat /many/hard"),
+                std::fs::metadata(&b).expect("stat /many/d00/f000"),
+            );
+            self.check(a.ino() == b.ino() && a.nlink() == 2, || {
+                format!(
+                    "{id}: hard link seen from the host: inodes {} {}, {} links",
+                    a.ino(),
+                    b.ino(),
+                    a.nlink()
+                )
+            });
+            // cowsnap's mounts carry the mapping (containerd mounts them
+            // idmapped); none without one.
+            let list = self.env.cowsnap_list().await;
+            let key = by_ctr_key(&list, id).name.clone();
+            let mounts = self.env.cowsnap_mounts(&key).await;
+            let has_map = mounts
+                .iter()
+                .flat_map(|m| m.options.iter())
+                .any(|o| o.starts_with("uidmap="));
+            self.check_eq(has_map, map.is_some(), &format!("{id}: uidmap= in mounts"));
+            // On disk, in the container's own snapshot, what it wrote
+            // belongs to 0: the mapping lives in the mount, not the files.
+            let written = Path::new(&mounts[0].source).join("written");
+            let md = std::fs::metadata(&written)
+                .unwrap_or_else(|e| panic!("stat {}: {e}", written.display()));
+            self.check_eq(
+                (md.uid(), md.gid()),
+                (0, 0),
+                &format!("{id}: owner of /written in its snapshot on disk"),
+            );
+            // Only what the container wrote is its own.
+            let u = self.env.cowsnap_usage(&key).await;
+            self.check(u.size < 1 << 20, || {
+                format!(
+                    "{id}: snapshot usage {} bytes, want < 1 MiB (no copy)",
+                    u.size
+                )
+            });
+            facts.insert(id, (u.size, u.inodes));
+        }
+        self.env.progress(format!(
+            "3 containers (2 mappings, 1 none) ready in {:.1}s; snapshot usage (bytes, inodes): {facts:?}",
+            t0.elapsed().as_secs_f64()
+        ));
+        // The layers are shared and untouched: same committed snapshots,
+        // original owners on disk.
+        let layers_after: Vec<String> = self
+            .env
+            .cowsnap_list()
+            .await
+            .into_iter()
+            .filter(|i| i.kind == pb::Kind::Committed as i32)
+            .map(|i| i.name)
+            .collect();
+        self.check_eq(
+            &layers_after,
+            &layers_before,
+            "committed snapshots with user namespaces",
+        );
+        self.check_eq(
+            self.env.area("committed"),
+            committed_before,
+            "<root>/committed with user namespaces",
+        );
+        let chain = committed_chain(&self.env);
+        let top = self.env.mnt.join(&chain[2]);
+        for (path, uid) in [
+            ("bin/busybox", 0),
+            ("many/d00/f000", 0),
+            ("many/owned.txt", 1000),
+        ] {
+            let md = std::fs::metadata(top.join(path))
+                .unwrap_or_else(|e| panic!("stat {}/{path}: {e}", top.display()));
+            self.check_eq(
+                (md.uid(), md.gid()),
+                (uid, uid),
+                &format!("owner of /{path} in the committed top layer"),
+            );
+        }
+        // For comparison only (not checked): ctr's own remapping without
+        // the labels, which copies and chowns the image into a new
+        // committed snapshot before the container starts.
+        let t = Instant::now();
+        let m = "0:300000:65536";
+        let out = self.env.ctr_run(
+            &[
+                "--rm",
+                "--uidmap",
+                m,
+                "--gidmap",
+                m,
+                &name,
+                "e2e-userns-copy",
+                "true",
+            ],
+            false,
+        );
+        let copy_secs = t.elapsed().as_secs_f64();
+        let committed_now = self.env.area("committed").len();
+        self.env.progress(format!(
+            "for comparison, ctr's chowned copy (no --remap-labels): exit {} in {copy_secs:.2}s, \
+             committed subvolumes {} -> {committed_now}{}",
+            out.code(),
+            layers_before.len(),
+            if out.code() == 0 {
+                String::new()
+            } else {
+                format!(" ({})", out.stderr.trim())
+            }
+        ));
+        for (id, _, _) in runs {
+            self.env
+                .ctr_ok(&["tasks", "kill", "--signal", "SIGKILL", id]);
+        }
+        self.env.wait_until(
+            "the user-namespace tasks to stop",
+            Duration::from_secs(30),
+            |env| {
+                env.ctr_ok(&["tasks", "ls"])
+                    .lines()
+                    .all(|l| !l.contains("e2e-userns") || !l.contains("RUNNING"))
+            },
+        );
+        for (id, _, _) in runs {
+            self.env.ctr_ok(&["tasks", "rm", id]);
+            self.env.ctr_ok(&["containers", "rm", id]);
+        }
+        // A garbage collection now, synchronously (deleting a lease with
+        // --sync runs one): once, the last container's snapshot outlived
+        // the scheduled collections (GC pass already running when it was
+        // released?), and nothing else would trigger another here.
+        let lease = self.env.ctr_ok(&["leases", "create"]);
+        let lease = lease.trim().to_owned();
+        self.env.ctr_ok(&["leases", "delete", "--sync", &lease]);
+        self.settle().await;
+    }
+
+    /// The mapping labels on Prepare and View, asked directly: malformed
+    /// ones are refused with InvalidArgument and create nothing; a mapped
+    /// view's mounts carry the mapping and no `ro` (containerd does not
+    /// idmap a read-only bind mount; the subvolume itself is read-only).
+    async fn mapping_labels_directly(&mut self, layers: &[String]) {
+        let top = layers.last().expect("committed layers").clone();
+        let labels = |uid: &str, gid: &str| {
+            [
+                ("containerd.io/snapshot/uidmapping", uid),
+                ("containerd.io/snapshot/gidmapping", gid),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect::<std::collections::HashMap<_, _>>()
+        };
+        let before = self.env.cowsnap_list().await.len();
+        let mut c = self.env.client().await;
+        for (uid, gid) in [("0:100000", "0:100000:65536"), ("0:100000:65536", "x:1:2")] {
+            let err = c
+                .prepare(pb::PrepareSnapshotRequest {
+                    snapshotter: harness::SNAPSHOTTER.into(),
+                    key: "e2e-bad-mapping".into(),
+                    parent: top.clone(),
+                    labels: labels(uid, gid),
+                })
+                .await
+                .expect_err("Prepare with a malformed mapping");
+            self.check_eq(
+                err.code(),
+                tonic::Code::InvalidArgument,
+                "Prepare, bad mapping",
+            );
+            let err = c
+                .view(pb::ViewSnapshotRequest {
+                    snapshotter: harness::SNAPSHOTTER.into(),
+                    key: "e2e-bad-mapping".into(),
+                    parent: top.clone(),
+                    labels: labels(uid, gid),
+                })
+                .await
+                .expect_err("View with a malformed mapping");
+            self.check_eq(
+                err.code(),
+                tonic::Code::InvalidArgument,
+                "View, bad mapping",
+            );
+        }
+        let after = self.env.cowsnap_list().await.len();
+        self.check_eq(after, before, "snapshots after refused mappings");
+        let m = "0:100000:65536";
+        let mounts = c
+            .view(pb::ViewSnapshotRequest {
+                snapshotter: harness::SNAPSHOTTER.into(),
+                key: "e2e-mapped-view".into(),
+                parent: top,
+                labels: labels(m, m),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("View with a mapping: {e}"))
+            .into_inner()
+            .mounts;
+        let opts: Vec<&str> = mounts
+            .iter()
+            .flat_map(|m| m.options.iter().map(String::as_str))
+            .collect();
+        self.check(
+            opts.contains(&"uidmap=0:100000:65536")
+                && opts.contains(&"gidmap=0:100000:65536")
+                && !opts.contains(&"ro"),
+            || format!("mapped view's mount options {opts:?}"),
+        );
+        let ro = self
+            .env
+            .tool_ok("btrfs", &["property", "get", &mounts[0].source, "ro"]);
+        self.check_eq(
+            ro.trim(),
+            "ro=true",
+            "mapped view's subvolume read-only flag",
+        );
+        c.remove(pb::RemoveSnapshotRequest {
+            snapshotter: harness::SNAPSHOTTER.into(),
+            key: "e2e-mapped-view".into(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("Remove the mapped view: {e}"));
+    }
+
     async fn garbage_collection(&mut self) {
         self.fig.data_used[1] = data_used(&self.env.mnt);
         let t0 = Instant::now();
@@ -903,6 +1267,24 @@ same=different; [ "$(stat -c %i /many/hard)" = "$(stat -c %i /many/d00/f000)" ] 
 echo hard=$(stat -c %h /many/hard):$same
 echo owned=$(stat -c %u:%g:%a /many/owned.txt)
 echo tmp=$(stat -c %a /tmp)
+"#;
+
+/// Writes /written, then the owners it sees as `key=value` lines to
+/// /facts, says so with /ready, then idles (see `user_namespaces`).
+const USERNS_SCRIPT: &str = r#"
+echo hi > /written
+{
+echo id=$(id -u):$(id -g)
+echo busybox=$(stat -c %u:%g /bin/busybox)
+echo file=$(stat -c %u:%g /many/d00/f000)
+echo owned=$(stat -c %u:%g:%a /many/owned.txt)
+echo written=$(stat -c %u:%g /written)
+same=different; [ "$(stat -c %i /many/hard)" = "$(stat -c %i /many/d00/f000)" ] && same=same
+echo hard=$(stat -c %h /many/hard):$same
+} > /facts
+sync
+touch /ready
+exec sleep 3600
 "#;
 
 /// First run: writes /state and 4 MiB, syncs, prints "wrote". Later runs

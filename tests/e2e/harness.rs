@@ -35,6 +35,68 @@ pub const SNAPSHOTTER: &str = "cowsnap";
 /// Limit for one command (ctr, a container run, btrfs).
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(90);
 
+/// A containerd release the test runs against: where its binaries are
+/// and which config form it reads.
+#[derive(Clone, Debug)]
+pub struct Release {
+    /// "1.6", "1.7", "2.x": for messages.
+    pub name: &'static str,
+    /// Dir of containerd, ctr and containerd-shim-runc-v2; None = the
+    /// host's (on PATH: Debian bookworm's 1.6).
+    pub bin_dir: Option<PathBuf>,
+    /// containerd's config `version`: 2 for 1.x, 3 for 2.x.
+    pub config_version: u32,
+}
+
+impl Release {
+    /// The host's containerd (Debian bookworm: 1.6), config version 2.
+    pub fn host() -> Release {
+        Release {
+            name: "1.6",
+            bin_dir: None,
+            config_version: 2,
+        }
+    }
+
+    /// A release unpacked by hack/containerd-releases under the cache dir
+    /// (`containerd-<prefix>*`, the newest if several); panics, saying how
+    /// to fetch it, when it is not there.
+    pub fn cached(name: &'static str, prefix: &str, config_version: u32) -> Release {
+        let cache =
+            std::env::var("COWSNAP_E2E_CACHE").unwrap_or_else(|_| "/var/cache/cowsnap-test".into());
+        let want = format!("containerd-{prefix}");
+        let mut found: Vec<PathBuf> = fs::read_dir(&cache)
+            .map(|rd| {
+                rd.filter_map(Result::ok)
+                    .filter(|e| e.file_name().to_string_lossy().starts_with(&want))
+                    .map(|e| e.path().join("usr/bin"))
+                    .filter(|b| b.join("containerd").is_file())
+                    .collect()
+            })
+            .unwrap_or_default();
+        found.sort();
+        let Some(bin_dir) = found.pop() else {
+            panic!(
+                "containerd {name} not found under {cache}/{want}*/usr/bin: \
+                 run hack/containerd-releases (hack/test does)"
+            );
+        };
+        Release {
+            name,
+            bin_dir: Some(bin_dir),
+            config_version,
+        }
+    }
+
+    /// The path of one of the release's programs.
+    fn program(&self, name: &str) -> PathBuf {
+        match &self.bin_dir {
+            Some(d) => d.join(name),
+            None => PathBuf::from(name),
+        }
+    }
+}
+
 /// What a finished command printed.
 #[derive(Debug)]
 pub struct Output {
@@ -66,6 +128,8 @@ pub struct Env {
     containerd_config: PathBuf,
     pub cowsnap_log: PathBuf,
     pub containerd_log: PathBuf,
+    /// The containerd release under test.
+    pub release: Release,
     cowsnap: Option<Child>,
     containerd: Option<Child>,
     run_before: RunContainerd,
@@ -76,7 +140,7 @@ pub struct Env {
 impl Env {
     /// Creates the temp dir and the btrfs (a sparse 4 GiB image), and
     /// writes containerd's config. Nothing is started yet.
-    pub fn new(started: Instant) -> Env {
+    pub fn new(started: Instant, release: Release) -> Env {
         for (stale, pid) in cleanup::stale_runs() {
             eprintln!(
                 "e2e: removing the leftovers of a dead run: {}",
@@ -115,6 +179,7 @@ impl Env {
             containerd_config: dir.join("containerd.toml"),
             cowsnap_log: dir.join("cowsnap.log"),
             containerd_log: dir.join("containerd.log"),
+            release,
             dir,
             ns: namespace_of(std::process::id()),
             cowsnap: None,
@@ -158,15 +223,38 @@ impl Env {
 
     fn write_containerd_config(&mut self) {
         let d = self.dir.display();
-        // version 2 is the config form of containerd 1.6/1.7. Only what this
-        // test needs: no CRI (no Kubernetes here), no snapshotter that would
-        // probe the host's filesystems; everything in the temp dir.
+        // version 2 is the config form of containerd 1.6/1.7, version 3 of
+        // 2.x. Only what this test needs: no CRI (no Kubernetes here), no
+        // snapshotter that would probe the host's filesystems; everything
+        // in the temp dir.
+        let v3 = self.release.config_version >= 3;
+        // 2.x split CRI into several plugins.
+        let cri = if v3 {
+            "\"io.containerd.grpc.v1.cri\",\n  \"io.containerd.cri.v1.images\",\n  \"io.containerd.cri.v1.runtime\","
+        } else {
+            "\"io.containerd.grpc.v1.cri\","
+        };
+        // 2.x: the transfer service (ctr images import) unpacks only into
+        // the snapshotters listed, and ctr passes the uid/gid mapping
+        // labels only to a snapshotter that declares "remap-ids".
+        let v3_extra = if v3 {
+            format!(
+                r#"  capabilities = ["remap-ids"]
+
+[[plugins."io.containerd.transfer.v1.local".unpack_config]]
+  platform = "linux"
+  snapshotter = "{SNAPSHOTTER}"
+"#
+            )
+        } else {
+            String::new()
+        };
         let config = format!(
-            r#"version = 2
+            r#"version = {version}
 root = "{d}/containerd/root"
 state = "{d}/containerd/state"
 disabled_plugins = [
-  "io.containerd.grpc.v1.cri",
+  {cri}
   "io.containerd.snapshotter.v1.aufs",
   "io.containerd.snapshotter.v1.btrfs",
   "io.containerd.snapshotter.v1.devmapper",
@@ -186,10 +274,19 @@ disabled_plugins = [
 [proxy_plugins.{SNAPSHOTTER}]
   type = "snapshot"
   address = "{sock}"
-"#,
+{v3_extra}"#,
+            version = self.release.config_version,
             sock = self.cowsnap_sock.display()
         );
         fs::write(&self.containerd_config, config).expect("writing containerd.toml");
+        // The parent of containerd's root and state. containerd would make
+        // it 0700 (as it makes its root); a user-namespaced container's
+        // root (a mapped host id) must traverse it to reach its rootfs in
+        // the state dir, as it traverses /run/containerd (0711) on a host.
+        let parent = self.dir.join("containerd");
+        fs::create_dir(&parent).expect("creating containerd's dir");
+        fs::set_permissions(&parent, std::os::unix::fs::PermissionsExt::from_mode(0o711))
+            .expect("chmod containerd's dir");
     }
 
     /// Starts cowsnap on the btrfs and waits until it accepts connections.
@@ -241,7 +338,19 @@ disabled_plugins = [
     pub fn start_containerd(&mut self) {
         assert!(self.containerd.is_none(), "containerd already running");
         let log = append(&self.containerd_log);
-        let child = Command::new("containerd")
+        let mut cmd = Command::new(self.release.program("containerd"));
+        // containerd finds its shim (containerd-shim-runc-v2) on PATH: the
+        // release's own first.
+        if let Some(bin) = &self.release.bin_dir {
+            let path = std::env::var_os("PATH").unwrap_or_default();
+            let mut dirs = vec![bin.clone()];
+            dirs.extend(std::env::split_paths(&path));
+            cmd.env(
+                "PATH",
+                std::env::join_paths(dirs).expect("PATH without separators"),
+            );
+        }
+        let child = cmd
             .arg("--config")
             .arg(&self.containerd_config)
             .stdin(Stdio::null())
@@ -290,7 +399,7 @@ disabled_plugins = [
 
     /// Runs ctr against the test's containerd, in the test's namespace.
     pub fn ctr(&self, args: &[&str]) -> Output {
-        let mut cmd = Command::new("ctr");
+        let mut cmd = Command::new(self.release.program("ctr"));
         cmd.arg("--address")
             .arg(&self.containerd_sock)
             .args(["--namespace", &self.ns])
