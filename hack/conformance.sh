@@ -14,7 +14,9 @@
 #   RUST_LOG              passed through to the daemons
 #   CONFORMANCE_ZPOOL     run on ZFS instead: each case's daemon gets
 #                         backend = "zfs" and its own dataset under
-#                         <pool>/cowsnap-conformance-<pid> (destroyed at exit)
+#                         <pool>/cowsnap-conformance-<pid> (destroyed at exit
+#                         unless CONFORMANCE_KEEP_DATASETS is set: a scratch
+#                         pool about to be destroyed anyway)
 #   CONFORMANCE_BUILD_ONLY=FILE  only build the Go test binary into FILE
 #   CONFORMANCE_TEST_BIN=FILE    run this prebuilt test binary (no Go, no
 #                         package installs: how hack/vm-test runs it in its
@@ -121,7 +123,7 @@ cleanup() {
 				umount "$m" 2>/dev/null || umount -l "$m" || log "warning: cannot unmount $m"
 			done <<<"$m"
 		done
-		if [[ -n $dataset ]] && [[ -z $(our_mounts) ]]; then
+		if [[ -n $dataset && -z ${CONFORMANCE_KEEP_DATASETS:-} ]] && [[ -z $(our_mounts) ]]; then
 			zfs destroy -r "$dataset" || log "warning: cannot destroy $dataset"
 		fi
 		# Our loop device, and any the daemon set up on files under $tmp.

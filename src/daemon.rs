@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use nix::sys::stat::{Mode, umask};
 use tokio::net::UnixListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_stream::wrappers::UnixListenerStream;
@@ -218,8 +219,14 @@ fn bind_socket(address: &Path) -> Result<UnixListener, DaemonError> {
         fs::remove_file(address)
             .map_err(|e| format!("removing stale socket {}: {e}", address.display()))?;
     }
-    let listener =
-        UnixListener::bind(address).map_err(|e| format!("binding {}: {e}", address.display()))?;
+    // The socket accepts connections as soon as bind(2) creates it, with
+    // mode 0777 & ~umask: create it 0660 already, so that no client ever
+    // sees another mode. The umask is process-wide; nothing else creates
+    // files at this point of startup.
+    let previous = umask(Mode::from_bits_truncate(0o117));
+    let bound = UnixListener::bind(address);
+    umask(previous);
+    let listener = bound.map_err(|e| format!("binding {}: {e}", address.display()))?;
     fs::set_permissions(address, fs::Permissions::from_mode(0o660))
         .map_err(|e| format!("chmod 0660 {}: {e}", address.display()))?;
     Ok(listener)

@@ -1,5 +1,9 @@
 //! Fixtures for the integration tests: a real btrfs on a loop device and a
 //! cowsnap daemon (the built binary) serving on a socket in a temp dir.
+//! With `COWSNAP_TEST_BACKEND=zfs` (and `COWSNAP_TEST_ZPOOL`, see
+//! hack/vm-test) [`Daemon::start`] runs the daemon on the ZFS backend
+//! instead, with its datasets under a scratch dataset of that pool; the
+//! loop btrfs then holds only its root (metadata), socket and log.
 #![allow(dead_code)]
 
 use std::collections::BTreeSet;

@@ -14,12 +14,12 @@
 //! Every dataset has `mountpoint=legacy`: ZFS never mounts them by itself,
 //! and clients get `{type: zfs, source: P/active/<id>}` mounts.
 //!
-//! Commit renames the dataset into the committed area, sets `readonly=on`
-//! (a ZFS sync task: it returns once the transaction group holding it, and
-//! every write made before it, is on disk), reads its usage and takes the
-//! origin snapshot. A committed dataset counts as complete only once it has
-//! that snapshot, so a commit interrupted at any step is found incomplete
-//! and undone by repair.
+//! Commit renames the dataset into the committed area (a ZFS sync task: it
+//! returns once the transaction group holding it, and every write made
+//! before it, is on disk), reads its usage, sets `readonly=on` (another
+//! sync task) and takes the origin snapshot. A committed dataset counts as
+//! complete only once it has that snapshot, so a commit interrupted at any
+//! step is found incomplete and undone by repair.
 //!
 //! Usage is the `written` property (bytes written since the origin
 //! snapshot: the snapshot's own data, excluding the parent's), and the
@@ -45,6 +45,14 @@ use crate::model::{Kind, Mount, SnapshotId, Usage};
 
 /// Name of the snapshot of a committed dataset that its children clone.
 pub const ORIGIN_SNAPSHOT: &str = "cowsnap";
+
+/// User property on a committed dataset: its object count at commit, which
+/// its children inherit (their `inode_base`), so creating a child needs no
+/// `zfs userspace` call.
+const OBJECTS_PROPERTY: &str = "cowsnap:objects";
+
+/// Objects in a new empty dataset: its root directory.
+const EMPTY_OBJECTS: u64 = 1;
 
 const AREAS: [Kind; 3] = [Kind::Active, Kind::View, Kind::Committed];
 
@@ -167,12 +175,44 @@ impl ZfsBackend {
         }
     }
 
-    fn measure(&self, obj: &ObjectRef, dataset: &str) -> Result<Usage> {
+    /// Usage of the object and its absolute object count, if known.
+    fn measure(&self, obj: &ObjectRef, dataset: &str) -> Result<(Usage, Option<u64>)> {
         let size = self.tool.get_u64("written", dataset)?;
-        let inodes = self
-            .objects(dataset)
-            .map_or(0, |n| n.saturating_sub(obj.inode_base));
-        Ok(Usage { size, inodes })
+        let objects = self.objects(dataset);
+        let inodes = objects.map_or(0, |n| n.saturating_sub(obj.inode_base));
+        Ok((Usage { size, inodes }, objects))
+    }
+
+    /// The new dataset's guid and (for a clone of `parent`'s origin) the
+    /// object count it inherited, in one `zfs get`.
+    fn describe_new(&self, dataset: &str, parent: Option<SnapshotId>) -> Result<(u64, u64)> {
+        let Some(pid) = parent else {
+            return Ok((self.tool.get_u64("guid", dataset)?, EMPTY_OBJECTS));
+        };
+        let parent_ds = self.dataset(Kind::Committed, pid);
+        let props = format!("guid,{OBJECTS_PROPERTY}");
+        let out = self.tool.run_checked(&[
+            "get",
+            "-H",
+            "-p",
+            "-o",
+            "name,property,value",
+            &props,
+            dataset,
+            &parent_ds,
+        ])?;
+        let value = |name: &str, prop: &str| {
+            rows(&out)
+                .find(|r| r.len() >= 3 && r[0] == name && r[1] == prop)
+                .and_then(|r| cmd::parse_u64(r[2]))
+        };
+        let guid = value(dataset, "guid")
+            .ok_or_else(|| Error::Internal(format!("zfs get guid {dataset}: no number")))?;
+        // Committed by an older cowsnap, or the pool counts no objects: ask.
+        let base = value(&parent_ds, OBJECTS_PROPERTY)
+            .or_else(|| self.objects(&self.origin_of(pid)))
+            .unwrap_or(0);
+        Ok((guid, base))
     }
 
     /// Numeric properties of object `id`'s dataset, in whichever area it
@@ -241,24 +281,32 @@ impl ZfsBackend {
     /// on error.
     fn freeze(&self, obj: &ObjectRef, dataset: &str) -> Result<Usage> {
         crate::failpoint::hit("commit.after_rename")?;
-        // A sync task: returns once this and every earlier write is on disk.
-        self.set_readonly(dataset, true)?;
-        // Measured before the snapshot: afterwards `written` counts from it.
-        let usage = self.measure(obj, dataset)?;
+        // The rename was a sync task: every write made before it is on disk
+        // and counted. Measured before the snapshot, after which `written`
+        // would count from it.
+        let (usage, objects) = self.measure(obj, dataset)?;
+        // A sync task too; the object count goes with it for the children.
+        let mut args = vec!["set".to_owned(), "readonly=on".to_owned()];
+        if let Some(n) = objects {
+            args.push(format!("{OBJECTS_PROPERTY}={n}"));
+        }
+        args.push(dataset.to_owned());
+        self.tool.run_checked(&args)?;
         let snap = format!("{dataset}@{ORIGIN_SNAPSHOT}");
         self.tool.run_checked(&["snapshot", &snap])?;
         Ok(usage)
     }
 
     /// Checks that destroying `dataset` (with everything below it) touches
-    /// nothing cowsnap does not own, then destroys it. `rows` is the
+    /// nothing cowsnap does not own, then destroys it. `listing` is the
     /// recursive listing of the dataset: name, type, clones, mounted, guid.
     fn destroy_checked(&self, dataset: &str, listing: &[Vec<&str>], native: u64) -> Result<()> {
         let own_snapshot = format!("{dataset}@{ORIGIN_SNAPSHOT}");
         let mut foreign = Vec::new();
         for row in listing {
             let (name, kind, clones, mounted) = (row[0], row[1], row[2], row[3]);
-            if kind == "snapshot" && name != own_snapshot {
+            // Someone else's snapshots and bookmarks (replication tools).
+            if (kind == "snapshot" || kind == "bookmark") && name != own_snapshot {
                 foreign.push(name.to_owned());
             }
             if kind == "snapshot" && !clones.is_empty() && clones != "-" {
@@ -286,7 +334,7 @@ impl ZfsBackend {
         }
         if !foreign.is_empty() {
             return Err(Error::FailedPrecondition(format!(
-                "cannot destroy {dataset}: it has snapshots cowsnap did not take ({}); \
+                "cannot destroy {dataset}: it has snapshots or bookmarks cowsnap did not take ({}); \
                  cowsnap destroys nothing while they exist: destroy them (zfs destroy) \
                  or exclude {} from the tool that takes them",
                 foreign.join(", "),
@@ -326,11 +374,13 @@ impl Backend for ZfsBackend {
         }
         args.push(dataset.clone());
         self.tool.run_checked(&args)?;
-        let described = self.tool.get_u64("guid", &dataset).map(|native| ObjectRef {
-            id,
-            native,
-            inode_base: self.objects(&dataset).unwrap_or(0),
-        });
+        let described =
+            self.describe_new(&dataset, parent.map(|p| p.id))
+                .map(|(native, inode_base)| ObjectRef {
+                    id,
+                    native,
+                    inode_base,
+                });
         if described.is_err()
             && let Err(e) = self.tool.run(&["destroy", &dataset])
         {
@@ -425,6 +475,7 @@ impl Backend for ZfsBackend {
 
     fn usage(&self, obj: &ObjectRef, kind: Kind) -> Result<Usage> {
         self.measure(obj, &self.dataset(kind, obj.id))
+            .map(|(usage, _)| usage)
     }
 
     fn mounts(&self, obj: &ObjectRef, kind: Kind) -> Result<Vec<Mount>> {
