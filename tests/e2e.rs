@@ -573,9 +573,46 @@ impl T {
         // until the view is labelled.
         self.settle().await;
         self.env.snapshots_ok(&["prepare", "e2e-extra", &top]);
-        self.env.snapshots_ok(&["view", "e2e-view", &top]);
-        self.env
-            .snapshots_ok(&["label", "e2e-view", "containerd.io/gc.root=e2e"]);
+        // ctr creates the view under a lease it deletes on exit, and the
+        // lease's deletion schedules a GC pass that may remove the view
+        // before it is labelled: then create and label it again.
+        let mut labelled = false;
+        for _ in 0..5 {
+            let view = self.env.ctr(&[
+                "snapshots",
+                "--snapshotter",
+                "cowsnap",
+                "view",
+                "e2e-view",
+                &top,
+            ]);
+            if !view.status.success() && !view.stderr.contains("already exists") {
+                panic!("ctr snapshots view e2e-view failed: {}", view.stderr.trim());
+            }
+            let label = self.env.ctr(&[
+                "snapshots",
+                "--snapshotter",
+                "cowsnap",
+                "label",
+                "e2e-view",
+                "containerd.io/gc.root=e2e",
+            ]);
+            if label.status.success() {
+                labelled = true;
+                break;
+            }
+            assert!(
+                label.stderr.contains("not found"),
+                "label e2e-view: {}",
+                label.stderr.trim()
+            );
+            eprintln!("e2e: containerd's GC removed the unlabelled view first; creating it again");
+            self.settle().await;
+        }
+        assert!(
+            labelled,
+            "the view could not be labelled before containerd's GC removed it"
+        );
         let list = self.env.cowsnap_list().await;
         self.fig.max_snapshots = self.fig.max_snapshots.max(list.len());
         self.check_eq(
