@@ -465,10 +465,10 @@ pub fn snapshot(
             name: encode_name(name)?,
         },
     };
-    // SAFETY: `args` is a live VolArgsV2 laid out like struct btrfs_ioctl_vol_args_v2
-    // (4096 bytes, asserted above); the name is NUL-terminated (encode_name), the qgroup
-    // inherit pointer/size are zero (no inherit), and `source` is an open fd borrowed for
-    // the duration of the call. The kernel only reads the struct.
+    // The kernel only reads `args`; the name is NUL-terminated (encode_name), the qgroup
+    // inherit pointer/size are zero (no inherit), `source` is borrowed for the call.
+    // SAFETY: `args` is a live VolArgsV2 laid out like btrfs_ioctl_vol_args_v2 (4096
+    // bytes, asserted above), valid for the whole call.
     unsafe { raw::snap_create_v2(dest_dir.as_raw_fd(), &args) }?;
     Ok(())
 }
@@ -1000,10 +1000,10 @@ fn tree_search(
     let mut start = min;
     while start <= max {
         args.key = search_key(tree_id, start, max, batch);
-        // SAFETY: `args` is a live, exclusively borrowed SearchArgs laid out like struct
-        // btrfs_ioctl_search_args (4096 bytes, asserted above); the kernel writes the item
-        // count into `args.key` and at most BTRFS_SEARCH_ARGS_BUFSIZE bytes into
-        // `args.buf`.
+        // The kernel writes the item count into `args.key` and at most
+        // BTRFS_SEARCH_ARGS_BUFSIZE bytes into `args.buf`.
+        // SAFETY: `args` is a live, exclusively borrowed SearchArgs laid out like
+        // btrfs_ioctl_search_args (4096 bytes, asserted above).
         unsafe { raw::tree_search(fd.as_raw_fd(), &mut args) }?;
         let count = args.key.nr_items;
         if count == 0 {
