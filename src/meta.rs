@@ -416,18 +416,7 @@ impl MetaStore {
                 let mut snaps = txn
                     .open_table(SNAPSHOTS)
                     .map_err(|e| Error::meta("open snapshots", e))?;
-                let mut record = match snaps
-                    .get(key)
-                    .map_err(|e| Error::meta("read snapshot", e))?
-                {
-                    Some(v) => Record::decode(key, v.value())?,
-                    None => {
-                        return Err(Error::NotFound(format!(
-                            "snapshot {}",
-                            truncate_for_message(key)
-                        )));
-                    }
-                };
+                let mut record = existing(&snaps, key)?;
                 if record.id != expect_id || record.kind != Kind::Active {
                     return Err(Error::FailedPrecondition(format!(
                         "snapshot {} changed while it was committed",
@@ -474,18 +463,7 @@ impl MetaStore {
                 let mut snaps = txn
                     .open_table(SNAPSHOTS)
                     .map_err(|e| Error::meta("open snapshots", e))?;
-                let record = match snaps
-                    .get(key)
-                    .map_err(|e| Error::meta("read snapshot", e))?
-                {
-                    Some(v) => Record::decode(key, v.value())?,
-                    None => {
-                        return Err(Error::NotFound(format!(
-                            "snapshot {}",
-                            truncate_for_message(key)
-                        )));
-                    }
-                };
+                let record = existing(&snaps, key)?;
                 if record.id != expect_id {
                     return Err(Error::FailedPrecondition(format!(
                         "snapshot {} changed while it was removed",
@@ -537,18 +515,7 @@ impl MetaStore {
                 let mut snaps = txn
                     .open_table(SNAPSHOTS)
                     .map_err(|e| Error::meta("open snapshots", e))?;
-                let mut record = match snaps
-                    .get(key)
-                    .map_err(|e| Error::meta("read snapshot", e))?
-                {
-                    Some(v) => Record::decode(key, v.value())?,
-                    None => {
-                        return Err(Error::NotFound(format!(
-                            "snapshot {}",
-                            truncate_for_message(key)
-                        )));
-                    }
-                };
+                let mut record = existing(&snaps, key)?;
                 change(&mut record)?;
                 snaps
                     .insert(key, record.encode()?.as_slice())
@@ -644,6 +611,21 @@ fn open_checked(path: &Path) -> Result<Database> {
         }
         Ok(Err(e)) => Err(damaged(e.to_string())),
         Err(_) => Err(damaged("its integrity check failed".into())),
+    }
+}
+
+/// The record of `key` in a write transaction's snapshots table, or
+/// NotFound.
+fn existing(snaps: &redb::Table<&str, &[u8]>, key: &str) -> Result<Record> {
+    match snaps
+        .get(key)
+        .map_err(|e| Error::meta("read snapshot", e))?
+    {
+        Some(v) => Record::decode(key, v.value()),
+        None => Err(Error::NotFound(format!(
+            "snapshot {}",
+            truncate_for_message(key)
+        ))),
     }
 }
 
