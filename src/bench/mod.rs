@@ -8,10 +8,12 @@
 //! - [`workloads`]: cycles, chain, usage, list, concurrent, populate.
 //! - [`record`]: samples, percentiles, the JSON lines.
 //! - [`report`]: the side-by-side table with ratios and the targets.
+//! - [`powercut`]: the power-cut workload and its checker (hack/power-cut).
 //!
 //! docs/performance.md has the figures and how to reproduce them.
 
 pub mod mount;
+pub mod powercut;
 pub mod record;
 pub mod report;
 pub mod target;
