@@ -164,8 +164,16 @@ async fn open_btrfs(
     fs::set_permissions(&cfg.root, fs::Permissions::from_mode(0o700))
         .map_err(|e| format!("chmod 0700 {}: {e}", cfg.root.display()))?;
     let root = cfg.root.clone();
-    let quota = cfg.btrfs.quota;
-    let backend = tokio::task::spawn_blocking(move || BtrfsBackend::open(&root, quota)).await??;
+    let (quota, sync) = (cfg.btrfs.quota, cfg.btrfs.commit_sync);
+    if !sync {
+        warn!(
+            "btrfs.commit_sync = false: a power cut can tear layers whose Commit was acknowledged"
+        );
+    }
+    let backend = tokio::task::spawn_blocking(move || {
+        BtrfsBackend::open(&root, quota).map(|b| b.with_commit_sync(sync))
+    })
+    .await??;
     Ok((embedded_root, Box::new(backend)))
 }
 

@@ -170,7 +170,12 @@ fn mount_one(m: &Mount, target: &Path) -> Result<(), String> {
             }
             Ok(())
         }
-        "overlay" => mount_overlay(&m.source, &opts, target),
+        // Options that fit in a page go through mount(2), as containerd
+        // does (kernels before 6.8 have no `lowerdir+`); longer lists of
+        // layers take the new mount API, one layer per call.
+        "overlay" if opts.data.join(",").len() > MAX_MOUNT_DATA => {
+            mount_overlay(&m.source, &opts, target)
+        }
         fs_type => {
             let data = opts.data.join(",");
             if data.len() > MAX_MOUNT_DATA {

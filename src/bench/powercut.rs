@@ -88,7 +88,9 @@ impl LayerId {
 
     /// The name of the layer below it, if any.
     pub fn parent(&self) -> Option<LayerId> {
-        self.layer.checked_sub(1).map(|layer| LayerId { layer, ..*self })
+        self.layer
+            .checked_sub(1)
+            .map(|layer| LayerId { layer, ..*self })
     }
 
     /// The top-level directory its files live in.
@@ -153,11 +155,21 @@ fn fill(seed: u64, offset: u64, buf: &mut [u8]) {
 /// One entry of a layer, relative to the layer's directory.
 #[derive(Clone, Debug)]
 enum Entry {
-    Dir { mode: u32 },
-    File { mode: u32, size: u64, seed: u64 },
+    Dir {
+        mode: u32,
+    },
+    File {
+        mode: u32,
+        size: u64,
+        seed: u64,
+    },
     /// A hard link to the file at this path.
-    HardLink { to: String },
-    Symlink { target: String },
+    HardLink {
+        to: String,
+    },
+    Symlink {
+        target: String,
+    },
 }
 
 /// The layer's entries by path (parents before children in this order).
@@ -197,7 +209,10 @@ fn entries(id: &LayerId) -> BTreeMap<String, Entry> {
         if i % 37 == 36
             && let Some(to) = &previous
         {
-            out.insert(format!("d{}/hl{i}", (d + 1) % dirs), Entry::HardLink { to: to.clone() });
+            out.insert(
+                format!("d{}/hl{i}", (d + 1) % dirs),
+                Entry::HardLink { to: to.clone() },
+            );
         }
         if i % 101 == 100 {
             out.insert(
@@ -292,7 +307,10 @@ pub fn verify(root: &Path, id: &LayerId) -> Vec<String> {
     let mut ancestor = id.parent();
     while let Some(a) = ancestor {
         if !root.join(a.dir()).is_dir() {
-            note(&mut problems, format!("ancestor directory {} missing", a.dir()));
+            note(
+                &mut problems,
+                format!("ancestor directory {} missing", a.dir()),
+            );
         }
         ancestor = a.parent();
     }
@@ -314,7 +332,10 @@ pub fn verify(root: &Path, id: &LayerId) -> Vec<String> {
                 if !md.is_dir() || md.mode() & 0o7777 != *mode {
                     note(
                         &mut problems,
-                        format!("{path}: want a directory of mode {mode:o}, found mode {:o}", md.mode()),
+                        format!(
+                            "{path}: want a directory of mode {mode:o}, found mode {:o}",
+                            md.mode()
+                        ),
                     );
                 }
             }
@@ -322,12 +343,18 @@ pub fn verify(root: &Path, id: &LayerId) -> Vec<String> {
                 if !md.is_file() || md.mode() & 0o7777 != *mode {
                     note(
                         &mut problems,
-                        format!("{path}: want a file of mode {mode:o}, found mode {:o}", md.mode()),
+                        format!(
+                            "{path}: want a file of mode {mode:o}, found mode {:o}",
+                            md.mode()
+                        ),
                     );
                     continue;
                 }
                 if md.len() != *size {
-                    note(&mut problems, format!("{path}: size {} (want {size})", md.len()));
+                    note(
+                        &mut problems,
+                        format!("{path}: size {} (want {size})", md.len()),
+                    );
                     continue;
                 }
                 if let Err(s) = compare(&p, *seed, *size, &mut buf, &mut want) {
@@ -337,7 +364,10 @@ pub fn verify(root: &Path, id: &LayerId) -> Vec<String> {
             Entry::HardLink { to } => match fs::symlink_metadata(base.join(to)) {
                 Ok(t) if t.ino() == md.ino() && t.dev() == md.dev() => {}
                 Ok(_) => note(&mut problems, format!("{path}: not a hard link of {to}")),
-                Err(err) => note(&mut problems, format!("{path}: its link target {to}: {err}")),
+                Err(err) => note(
+                    &mut problems,
+                    format!("{path}: its link target {to}: {err}"),
+                ),
             },
             Entry::Symlink { target } => match fs::read_link(&p) {
                 Ok(t) if t == Path::new(target) => {}
@@ -368,10 +398,15 @@ fn compare(p: &Path, seed: u64, size: u64, buf: &mut [u8], want: &mut [u8]) -> R
     let mut off = 0u64;
     while off < size {
         let n = (size - off).min(CHUNK as u64) as usize;
-        f.read_exact(&mut buf[..n]).map_err(|e| format!("reading at {off}: {e}"))?;
+        f.read_exact(&mut buf[..n])
+            .map_err(|e| format!("reading at {off}: {e}"))?;
         fill(seed, off, &mut want[..n]);
         if buf[..n] != want[..n] {
-            let at = buf[..n].iter().zip(&want[..n]).position(|(a, b)| a != b).unwrap_or(0);
+            let at = buf[..n]
+                .iter()
+                .zip(&want[..n])
+                .position(|(a, b)| a != b)
+                .unwrap_or(0);
             let zero = buf[..n].iter().all(|b| *b == 0);
             return Err(format!(
                 "content differs at byte {}{}",
@@ -758,7 +793,8 @@ mod tests {
     struct TempDir(PathBuf);
     impl TempDir {
         fn new(tag: &str) -> TempDir {
-            let p = std::env::temp_dir().join(format!("cowsnap-powercut-{tag}-{}", std::process::id()));
+            let p =
+                std::env::temp_dir().join(format!("cowsnap-powercut-{tag}-{}", std::process::id()));
             let _ = fs::remove_dir_all(&p);
             fs::create_dir(&p).unwrap();
             TempDir(p)
@@ -805,13 +841,25 @@ mod tests {
             .set_len(4096)
             .unwrap();
         let problems = verify(tmp.path(), &i).join("\n");
-        assert!(problems.contains(&format!("{victim}: content differs at byte 0 (a block of zeros)")), "{problems}");
+        assert!(
+            problems.contains(&format!(
+                "{victim}: content differs at byte 0 (a block of zeros)"
+            )),
+            "{problems}"
+        );
         assert!(problems.contains("d1/s0/f1: No such file"), "{problems}");
-        assert!(problems.contains("d0/extra: not written by the layer"), "{problems}");
+        assert!(
+            problems.contains("d0/extra: not written by the layer"),
+            "{problems}"
+        );
         assert!(problems.contains("big0: size 4096"), "{problems}");
 
         fs::remove_dir(tmp.path().join(i.parent().unwrap().dir())).unwrap();
-        assert!(verify(tmp.path(), &i).join("\n").contains("ancestor directory r3-w1-l1 missing"));
+        assert!(
+            verify(tmp.path(), &i)
+                .join("\n")
+                .contains("ancestor directory r3-w1-l1 missing")
+        );
     }
 
     #[test]

@@ -51,6 +51,8 @@ pub struct BtrfsBackend {
     quota: QuotaMode,
     /// Concurrent commits share filesystem syncs.
     syncs: SyncBatcher,
+    /// Whether Commit makes the data durable (see [`Self::with_commit_sync`]).
+    commit_sync: bool,
 }
 
 impl BtrfsBackend {
@@ -87,7 +89,16 @@ impl BtrfsBackend {
             areas,
             quota,
             syncs: SyncBatcher::default(),
+            commit_sync: true,
         })
+    }
+
+    /// With `false`, Commit skips the `syncfs` that makes the snapshot's
+    /// data durable before it is acknowledged (config `btrfs.commit_sync`;
+    /// for throwaway hosts and for measuring what durability costs).
+    pub fn with_commit_sync(mut self, sync: bool) -> Self {
+        self.commit_sync = sync;
+        self
     }
 
     /// The quota mode in use.
@@ -212,9 +223,11 @@ impl Backend for BtrfsBackend {
         // Durability first: the read-only flag does not write back dirty
         // data (see docs/design.md, "Durability"). Concurrent commits share
         // one syncfs that started after all of their writes.
-        self.syncs
-            .sync(|| ioctl::sync_fs(fd.as_fd()).map_err(std::io::Error::from))
-            .context(|| format!("syncfs {}", from.display()))?;
+        if self.commit_sync {
+            self.syncs
+                .sync(|| ioctl::sync_fs(fd.as_fd()).map_err(std::io::Error::from))
+                .context(|| format!("syncfs {}", from.display()))?;
+        }
         renameat(
             self.area_fd(Kind::Active),
             name.as_str(),
