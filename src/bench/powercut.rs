@@ -540,11 +540,8 @@ async fn writer(
         let key = format!("{name}{ACTIVE_SUFFIX}");
         let mounts = conn.prepare(&key, &parent, HashMap::new()).await?;
         let d = dir.clone();
-        let bytes = tokio::task::spawn_blocking(move || -> Result<u64, String> {
-            let m = mount_all(&mounts, &d)?;
-            let bytes = materialize(m.path(), &id)?;
-            m.unmount()?;
-            Ok(bytes)
+        let bytes = tokio::task::spawn_blocking(move || {
+            unpack_into(&mounts, &d, |root| materialize(root, &id))
         })
         .await
         .map_err(|e| format!("writing {name}: {e}"))??;
@@ -564,11 +561,11 @@ async fn writer(
             let key = format!("{name}:aborted");
             let mounts = conn.prepare(&key, &name, HashMap::new()).await?;
             let d = dir.clone();
-            tokio::task::spawn_blocking(move || -> Result<(), String> {
-                let m = mount_all(&mounts, &d)?;
-                let p = m.path().join("partial");
-                fs::write(&p, vec![7u8; 300 << 10]).map_err(|e| format!("{}: {e}", p.display()))?;
-                m.unmount()
+            tokio::task::spawn_blocking(move || {
+                unpack_into(&mounts, &d, |root| {
+                    let p = root.join("partial");
+                    fs::write(&p, vec![7u8; 300 << 10]).map_err(|e| format!("{}: {e}", p.display()))
+                })
             })
             .await
             .map_err(|e| format!("writing {key}: {e}"))??;
@@ -578,6 +575,38 @@ async fn writer(
         layer += 1;
     }
     Ok(())
+}
+
+/// Runs `write` on the directory a layer is unpacked into, as containerd's
+/// diff applier does: straight into an overlay's upper directory (no
+/// mount), else on a temporary mount at `dir`.
+fn unpack_into<T>(
+    mounts: &[crate::proto::containerd::types::Mount],
+    dir: &Path,
+    write: impl FnOnce(&Path) -> Result<T, String>,
+) -> Result<T, String> {
+    if let Some(upper) = overlay_upper(mounts) {
+        return write(&upper);
+    }
+    let m = mount_all(mounts, dir)?;
+    let out = write(m.path())?;
+    m.unmount()?;
+    Ok(out)
+}
+
+/// The upper directory of a single overlay mount: where containerd 1.6's
+/// diff applier (`diff/apply`) unpacks a layer for the overlayfs
+/// snapshotter, without mounting it. Unmounting an overlay syncs its upper
+/// filesystem, a side effect a real unpack does not have.
+fn overlay_upper(mounts: &[crate::proto::containerd::types::Mount]) -> Option<PathBuf> {
+    match mounts {
+        [m] if m.r#type == "overlay" => m
+            .options
+            .iter()
+            .find_map(|o| o.strip_prefix("upperdir="))
+            .map(PathBuf::from),
+        _ => None,
+    }
 }
 
 /// A running container: an active snapshot whose files are written,
