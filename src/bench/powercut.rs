@@ -647,7 +647,7 @@ async fn container(
 /// What `check` found, printed as one JSON line.
 #[derive(Debug, Default, Serialize)]
 pub struct CheckReport {
-    /// Acknowledged Commits (all runs so far).
+    /// Acknowledged Commits looked for (all runs not pruned earlier).
     pub acked: usize,
     /// Of them, found committed and compared byte for byte.
     pub acked_verified: usize,
@@ -687,6 +687,9 @@ pub struct CheckOptions {
     pub full_from_run: u32,
     /// Remove layers of runs before this one after checking them.
     pub prune_before_run: u32,
+    /// Layers of runs before this one were removed by an earlier check:
+    /// their acknowledgements are not looked for.
+    pub pruned_before_run: u32,
     /// Mount points go here.
     pub work_dir: PathBuf,
 }
@@ -699,8 +702,13 @@ pub async fn check(target: &Target, opts: &CheckOptions) -> Result<CheckReport, 
         .map_err(|e| format!("creating {}: {e}", opts.work_dir.display()))?;
     let mut conn = target.connect().await?;
     let infos = conn.list(&[]).await?;
+    let acked: BTreeSet<&String> = opts
+        .acked
+        .iter()
+        .filter(|n| LayerId::parse(n).is_none_or(|id| id.run >= opts.pruned_before_run))
+        .collect();
     let mut report = CheckReport {
-        acked: opts.acked.len(),
+        acked: acked.len(),
         ..CheckReport::default()
     };
     let mut committed: BTreeMap<LayerId, String> = BTreeMap::new();
@@ -724,15 +732,15 @@ pub async fn check(target: &Target, opts: &CheckOptions) -> Result<CheckReport, 
         }
     }
     let present: BTreeSet<&String> = committed.values().collect();
-    for name in &opts.acked {
+    for name in &acked {
         if !present.contains(name) && !report.torn.contains(name) {
-            report.lost.push(name.clone());
+            report.lost.push((*name).clone());
         }
     }
     let dir = opts.work_dir.join("view");
     fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     for (id, name) in &committed {
-        let acked = opts.acked.contains(name);
+        let acked = acked.contains(name);
         if id.run < opts.full_from_run {
             if acked {
                 report.acked_present += 1;

@@ -9,9 +9,13 @@
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use tokio::sync::Barrier;
+
 use super::mount::mount_all;
+use super::powercut::{LayerId, materialize};
 use super::record::{Better, Emitter, Samples};
 use super::target::{Conn, Target};
 
@@ -46,6 +50,17 @@ pub struct Scale {
     pub client_iterations: usize,
     /// Views of the chain's top (each created, mounted, checked, removed).
     pub views: usize,
+    /// The commits workload's small layer, and how many are committed.
+    pub commit_small: (LayerShape, usize),
+    /// Its large layer, and how many.
+    pub commit_large: (LayerShape, usize),
+    /// Clients committing at the same moment, the layer each commits, and
+    /// how many rounds of that.
+    pub commit_clients: (usize, LayerShape, usize),
+    /// Pause after each Remove of the commits workload, so that deferred
+    /// deletions (containerd's garbage collector) land before the next
+    /// Commit rather than in it.
+    pub commit_pause: Duration,
     /// Pause after each workload, for deferred work (containerd's garbage
     /// collector, btrfs's cleaner) to settle.
     pub settle: Duration,
@@ -65,6 +80,23 @@ impl Scale {
             clients: 8,
             client_iterations: 40,
             views: 10,
+            commit_small: (LayerShape::Uniform(10), 30),
+            commit_large: (
+                LayerShape::Mixed {
+                    files: 2000,
+                    big_mib: 64,
+                },
+                10,
+            ),
+            commit_clients: (
+                8,
+                LayerShape::Mixed {
+                    files: 200,
+                    big_mib: 0,
+                },
+                5,
+            ),
+            commit_pause: Duration::from_millis(200),
             settle: Duration::from_secs(2),
         }
     }
@@ -81,6 +113,23 @@ impl Scale {
             clients: 8,
             client_iterations: 2,
             views: 1,
+            commit_small: (LayerShape::Uniform(10), 2),
+            commit_large: (
+                LayerShape::Mixed {
+                    files: 50,
+                    big_mib: 1,
+                },
+                1,
+            ),
+            commit_clients: (
+                8,
+                LayerShape::Mixed {
+                    files: 10,
+                    big_mib: 0,
+                },
+                1,
+            ),
+            commit_pause: Duration::ZERO,
             settle: Duration::ZERO,
         }
     }
@@ -93,8 +142,48 @@ impl Scale {
     }
 }
 
+/// The content of one layer of the commits workload.
+#[derive(Clone, Copy, Debug)]
+pub enum LayerShape {
+    /// This many files of [`FILE_SIZE`] bytes.
+    Uniform(usize),
+    /// The power-cut workload's layer ([`materialize`]): `files` files of
+    /// mixed sizes (~13 KiB on average) with directories and links, plus
+    /// one file of `big_mib` MiB (none when 0).
+    Mixed {
+        /// Small and medium files.
+        files: u32,
+        /// Size of the one large file, MiB.
+        big_mib: u32,
+    },
+}
+
+impl LayerShape {
+    /// Writes the layer under `root`; `writer` varies the content of
+    /// layers written at the same time. Returns the bytes written.
+    fn write(self, root: &Path, writer: u32) -> Result<u64, String> {
+        match self {
+            LayerShape::Uniform(files) => {
+                fill(root, 0, files)?;
+                Ok((files * FILE_SIZE) as u64)
+            }
+            LayerShape::Mixed { files, big_mib } => {
+                let id = LayerId {
+                    run: 0,
+                    writer,
+                    layer: 0,
+                    files,
+                    large: u32::from(big_mib > 0),
+                    large_mib: big_mib,
+                };
+                materialize(root, &id)
+            }
+        }
+    }
+}
+
 /// The workloads `run` knows.
-pub const WORKLOADS: &[&str] = &["cycles", "chain", "usage", "list", "concurrent"];
+pub const WORKLOADS: &[&str] = &["cycles", "chain", "usage", "list", "concurrent", "commits"];
 
 /// One benchmark run against one target.
 pub struct Bench {
@@ -161,6 +250,7 @@ impl Bench {
             "usage" => self.usage().await,
             "list" => self.list().await,
             "concurrent" => self.concurrent().await,
+            "commits" => self.commits().await,
             other => Err(format!(
                 "unknown workload {other:?} (known: {})",
                 WORKLOADS.join(", ")
@@ -495,6 +585,190 @@ impl Bench {
         conn.remove(&base).await?;
         Ok(())
     }
+
+    /// Commit latency of freshly written layers, small and large, then of
+    /// many clients committing at the same moment. Each layer is prepared
+    /// without a parent (so every snapshotter hands out a plain or btrfs
+    /// mount, whose unmount does not sync; an overlay's would), mounted,
+    /// written, unmounted; only the Commit is timed. With `btrfs_sysfs`,
+    /// the btrfs transaction commits during the Commits are counted too:
+    /// concurrent Commits that share their syncs cause fewer per Commit;
+    /// the time until all of them are acknowledged shows what sharing
+    /// saves.
+    async fn commits(&mut self) -> Result<(), String> {
+        let mut conn = self.target.connect().await?;
+        for (tag, (shape, reps)) in [
+            ("small", self.scale.commit_small),
+            ("large", self.scale.commit_large),
+        ] {
+            let dir = self.mount_dir(&format!("commits-{tag}"))?;
+            let mut samples = Samples::default();
+            let (mut txns, mut bytes) = (Some(0u64), 0u64);
+            self.between_commits().await?;
+            for i in 0..reps {
+                let key = self.key(format_args!("commits/{tag}/{i}/active"));
+                let name = self.key(format_args!("commits/{tag}/{i}/committed"));
+                let mounts = conn.prepare(&key, "", HashMap::new()).await?;
+                bytes = write_layer(mounts, dir.clone(), shape, 0).await?;
+                let before = self.btrfs_commits()?;
+                let t = Instant::now();
+                conn.commit(&name, &key).await?;
+                samples.push(t.elapsed());
+                txns = add_delta(txns, before, self.btrfs_commits()?);
+                conn.remove(&name).await?;
+                self.between_commits().await?;
+            }
+            self.out.emit(
+                "commits",
+                &format!("{tag}.layer-size"),
+                bytes as f64 / (1 << 20) as f64,
+                "MiB",
+                Better::None,
+                1,
+            );
+            self.out.latency("commits", tag, &samples);
+            self.emit_txns_per_commit(tag, txns, samples.len());
+        }
+        self.concurrent_commits().await
+    }
+
+    /// The concurrent part of [`Self::commits`]: every client prepares and
+    /// writes its layer, then all Commit at once (a barrier), round after
+    /// round.
+    async fn concurrent_commits(&mut self) -> Result<(), String> {
+        let (clients, shape, rounds) = self.scale.commit_clients;
+        let mut conn = self.target.connect().await?;
+        let (mut samples, mut all_done) = (Samples::default(), Samples::default());
+        let mut txns = Some(0u64);
+        for round in 0..rounds {
+            // Clients plus this task: all written, then all go.
+            let ready = Arc::new(Barrier::new(clients + 1));
+            let go = Arc::new(Barrier::new(clients + 1));
+            let mut tasks = Vec::new();
+            for c in 0..clients {
+                let target = self.target.clone();
+                let (ready, go) = (ready.clone(), go.clone());
+                let key = self.key(format_args!("commits/clients/{round}/{c}/active"));
+                let name = self.key(format_args!("commits/clients/{round}/{c}/committed"));
+                let dir = self.mount_dir(&format!("commits-client-{c}"))?;
+                tasks.push(tokio::spawn(async move {
+                    let prepared = async {
+                        let mut conn = target.connect().await?;
+                        let mounts = conn.prepare(&key, "", HashMap::new()).await?;
+                        write_layer(mounts, dir, shape, c as u32).await?;
+                        Ok::<_, String>(conn)
+                    }
+                    .await;
+                    // Pass both barriers even after an error, so that
+                    // nobody waits for this client for ever.
+                    ready.wait().await;
+                    go.wait().await;
+                    let mut conn = prepared?;
+                    let started = Instant::now();
+                    conn.commit(&name, &key).await?;
+                    Ok::<_, String>((name, started, Instant::now()))
+                }));
+            }
+            ready.wait().await;
+            let before = self.btrfs_commits()?;
+            go.wait().await;
+            let mut names = Vec::new();
+            let mut first_err = None;
+            let mut span: Option<(Instant, Instant)> = None;
+            for t in tasks {
+                match t
+                    .await
+                    .map_err(|e| format!("client task: {e}"))
+                    .and_then(|r| r)
+                {
+                    Ok((name, started, finished)) => {
+                        samples.push(finished - started);
+                        names.push(name);
+                        span = Some(span.map_or((started, finished), |(a, b)| {
+                            (a.min(started), b.max(finished))
+                        }));
+                    }
+                    Err(e) => {
+                        first_err.get_or_insert(e);
+                    }
+                }
+            }
+            txns = add_delta(txns, before, self.btrfs_commits()?);
+            if let Some((first, last)) = span {
+                all_done.push(last - first);
+            }
+            for name in &names {
+                conn.remove(name).await?;
+            }
+            if let Some(e) = first_err {
+                return Err(e);
+            }
+            self.between_commits().await?;
+        }
+        let tag = format!("{clients}-clients");
+        self.out.latency("commits", &tag, &samples);
+        self.out
+            .latency("commits", &format!("{tag}.all-committed"), &all_done);
+        self.emit_txns_per_commit(&tag, txns, samples.len());
+        Ok(())
+    }
+
+    /// After a Remove of the commits workload: the pause for deferred
+    /// deletions, then a sync, so the next Commit pays only for its own
+    /// layer.
+    async fn between_commits(&self) -> Result<(), String> {
+        tokio::time::sleep(self.scale.commit_pause).await;
+        if let Some(p) = &self.settle_path {
+            syncfs_path(p)?;
+        }
+        Ok(())
+    }
+
+    /// The btrfs's transaction commits so far (None without `btrfs_sysfs`).
+    fn btrfs_commits(&self) -> Result<Option<u64>, String> {
+        match &self.btrfs_sysfs {
+            Some(dir) => Ok(Some(commit_stats(dir)?.0)),
+            None => Ok(None),
+        }
+    }
+
+    fn emit_txns_per_commit(&mut self, tag: &str, txns: Option<u64>, commits: usize) {
+        if let Some(n) = txns
+            && commits > 0
+        {
+            self.out.emit(
+                "commits",
+                &format!("{tag}.btrfs-commits-per-commit"),
+                n as f64 / commits as f64,
+                "count",
+                Better::None,
+                commits,
+            );
+        }
+    }
+}
+
+/// Adds `after - before` to a running count (None when not counted).
+fn add_delta(total: Option<u64>, before: Option<u64>, after: Option<u64>) -> Option<u64> {
+    Some(total? + after?.saturating_sub(before?))
+}
+
+/// Mounts `mounts` on `dir`, writes a layer of `shape` into it and
+/// unmounts, off the async threads. Returns the bytes written.
+async fn write_layer(
+    mounts: Vec<crate::proto::containerd::types::Mount>,
+    dir: PathBuf,
+    shape: LayerShape,
+    writer: u32,
+) -> Result<u64, String> {
+    tokio::task::spawn_blocking(move || {
+        let m = mount_all(&mounts, &dir)?;
+        let bytes = shape.write(m.path(), writer)?;
+        m.unmount()?;
+        Ok(bytes)
+    })
+    .await
+    .map_err(|e| format!("writing a layer: {e}"))?
 }
 
 /// One client of the concurrent workload; returns the latency of every call.

@@ -30,7 +30,7 @@ enum Command {
         #[command(flatten)]
         target: TargetArgs,
         /// Workloads: `all` or a comma-separated list of cycles, chain,
-        /// usage, list, concurrent.
+        /// usage, list, concurrent, commits.
         #[arg(long, default_value = "all")]
         workload: String,
         /// `full` (the counts) or `smoke` (every path once).

@@ -70,6 +70,10 @@ enum Command {
         /// Afterwards, remove the layers of runs before this one.
         #[arg(long, default_value_t = 0)]
         prune_before_run: u32,
+        /// Layers of runs before this one were removed by an earlier
+        /// check: do not look for their acknowledgements.
+        #[arg(long, default_value_t = 0)]
+        pruned_before_run: u32,
         /// Directory for mount points.
         #[arg(long, default_value = "/tmp/cowsnap-powercut")]
         work_dir: PathBuf,
@@ -153,6 +157,7 @@ async fn run(cmd: Command) -> Result<ExitCode, String> {
             acked,
             full_from_run,
             prune_before_run,
+            pruned_before_run,
             work_dir,
         } => {
             let text = std::fs::read_to_string(&acked)
@@ -167,6 +172,7 @@ async fn run(cmd: Command) -> Result<ExitCode, String> {
                 acked,
                 full_from_run,
                 prune_before_run,
+                pruned_before_run,
                 work_dir,
             };
             let report = powercut::check(&target.target(), &opts).await?;
