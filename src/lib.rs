@@ -31,6 +31,7 @@ pub mod keylock;
 pub mod meta;
 pub mod metrics;
 pub mod model;
+pub mod rounds;
 pub mod snapshotter;
 pub mod transfer;
 
