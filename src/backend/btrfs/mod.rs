@@ -9,9 +9,10 @@
 //! <root>/committed/<id>   former active subvolume, read-only flag set
 //! ```
 //!
-//! Commit makes the data durable (syncfs), renames the subvolume into the
-//! committed area and sets its read-only flag; it keeps its subvolume id and
-//! therefore its quota group, so the bytes it wrote stay accounted to it.
+//! Commit makes the data durable (syncfs) and renames the subvolume into
+//! the committed area; `seal` then sets its read-only flag, while the core
+//! commits the metadata. It keeps its subvolume id and therefore its quota
+//! group, so the bytes it wrote stay accounted to it.
 //! Usage is read from the quota tree (simple quotas where the kernel has
 //! them, full qgroups otherwise); nothing walks files.
 
@@ -33,7 +34,7 @@ use tracing::{info, warn};
 use self::ioctl::{QuotaMode, SubvolId};
 use crate::backend::sync_batch::SyncBatcher;
 use crate::backend::{
-    AccountingState, Backend, BackendCleanup, FilesystemSpace, FoundObject, ObjectSpace,
+    AccountingState, Backend, BackendCleanup, Committed, FilesystemSpace, FoundObject, ObjectSpace,
 };
 use crate::config::QuotaSetting;
 use crate::error::{Error, IoContext, Result};
@@ -204,14 +205,16 @@ impl Backend for BtrfsBackend {
         })
     }
 
-    fn commit(&self, obj: &ObjectRef) -> Result<Usage> {
+    fn commit(&self, obj: &ObjectRef) -> Result<Committed> {
         let name = obj.id.0.to_string();
         let from = self.path_of(Kind::Active, obj.id);
         let to = self.path_of(Kind::Committed, obj.id);
         let fd = open_dir(&from)?;
-        // Durability first: the read-only flag does not write back dirty
-        // data (see docs/design.md, "Durability"). Concurrent commits share
-        // one syncfs that started after all of their writes.
+        // Durability first: neither the rename nor the read-only flag
+        // writes back dirty data (see docs/design.md, "Durability").
+        // Concurrent commits share one syncfs that started after all of
+        // their writes. syncfs ends with a transaction commit, which also
+        // brings the quota figures up to date for the measure below.
         self.syncs
             .sync(|| ioctl::sync_fs(fd.as_fd()).map_err(std::io::Error::from))
             .context(|| format!("syncfs {}", from.display()))?;
@@ -222,19 +225,35 @@ impl Backend for BtrfsBackend {
             name.as_str(),
         )
         .context(|| format!("rename {} to {}", from.display(), to.display()))?;
-        crate::failpoint::hit("commit.after_rename")?;
-        // Setting the flag commits a btrfs transaction, which also makes the
-        // rename durable and brings the quota figures up to date.
-        if let Err(e) = ioctl::set_readonly(fd.as_fd(), true) {
-            let _ = renameat(
-                self.area_fd(Kind::Committed),
-                name.as_str(),
-                self.area_fd(Kind::Active),
-                name.as_str(),
-            );
-            return Err(Error::io(format!("set read-only {}", to.display()), e));
+        let measured = crate::failpoint::hit("commit.after_rename")
+            .and_then(|()| self.measure(obj, fd.as_fd()));
+        match measured {
+            // The read-only flag is left to `seal`: it commits a btrfs
+            // transaction (which also makes the rename durable), and the
+            // core runs it while the metadata commits.
+            Ok(usage) => Ok(Committed {
+                usage,
+                sealed: false,
+            }),
+            Err(e) => {
+                if let Err(u) = renameat(
+                    self.area_fd(Kind::Committed),
+                    name.as_str(),
+                    self.area_fd(Kind::Active),
+                    name.as_str(),
+                ) {
+                    warn!(id = %obj.id, error = %u, "could not move a failed commit back to the active area; startup repair will");
+                }
+                Err(e)
+            }
         }
-        self.measure(obj, fd.as_fd())
+    }
+
+    fn seal(&self, obj: &ObjectRef) -> Result<()> {
+        let path = self.path_of(Kind::Committed, obj.id);
+        let fd = open_dir(&path)?;
+        ioctl::set_readonly(fd.as_fd(), true)
+            .context(|| format!("set read-only {}", path.display()))
     }
 
     fn reconcile(&self, found: &FoundObject, kind: Kind) -> Result<()> {

@@ -37,7 +37,7 @@ use tracing::{debug, info, warn};
 
 use self::cmd::{ZfsTool, rows};
 use crate::backend::{
-    AccountingState, Backend, BackendCleanup, FilesystemSpace, FoundObject, ObjectSpace,
+    AccountingState, Backend, BackendCleanup, Committed, FilesystemSpace, FoundObject, ObjectSpace,
 };
 use crate::error::{Error, Result};
 use crate::meta::ObjectRef;
@@ -389,12 +389,17 @@ impl Backend for ZfsBackend {
         described
     }
 
-    fn commit(&self, obj: &ObjectRef) -> Result<Usage> {
+    fn commit(&self, obj: &ObjectRef) -> Result<Committed> {
         let from = self.dataset(Kind::Active, obj.id);
         let to = self.dataset(Kind::Committed, obj.id);
         self.tool.run_checked(&["rename", &from, &to])?;
+        // Sealed here, not later: children clone `@cowsnap`, which must
+        // exist before a record says the snapshot is committed.
         match self.freeze(obj, &to) {
-            Ok(usage) => Ok(usage),
+            Ok(usage) => Ok(Committed {
+                usage,
+                sealed: true,
+            }),
             Err(e) => {
                 let found = FoundObject {
                     id: obj.id,
@@ -698,7 +703,7 @@ mod tests {
             assert_eq!(mode & 0o7777, 0o755);
             write_files(mnt.path(), 1 << 20, 10);
         }
-        let u = b.commit(&a).unwrap();
+        let u = b.commit(&a).unwrap().usage;
         assert!(
             u.size >= 1 << 20 && u.size < (1 << 20) + (256 << 10),
             "committed usage {u:?}"
