@@ -20,6 +20,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod destroy_queue;
 pub mod embedded;
 pub mod error;
 pub mod failpoint;

@@ -326,6 +326,13 @@ impl Backend for BtrfsBackend {
         }
     }
 
+    fn destroy_in_background(&self) -> bool {
+        // Remove succeeds whatever the delete does (a failure leaves an
+        // orphan for Cleanup), and btrfs reclaims a deleted subvolume's
+        // space in the background anyway.
+        true
+    }
+
     fn usage(&self, obj: &ObjectRef, kind: Kind) -> Result<Usage> {
         let path = self.path_of(kind, obj.id);
         let fd = open_dir(&path)?;
