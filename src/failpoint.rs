@@ -17,7 +17,6 @@ pub const POINTS: &[&str] = &[
     "create.after_meta",
     "commit.after_rename",
     "commit.after_fs",
-    "commit.before_seal",
     "commit.after_meta",
     "remove.after_meta",
     "remove.after_fs",

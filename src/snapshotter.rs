@@ -358,63 +358,32 @@ impl Snapshotter {
             )));
         }
 
-        let committed = self
+        let usage = self
             .backend
             .commit(&record.object)
             .map_err(|e| object_missing(e, "snapshot", key))?;
         let now = Timestamp::now();
-        let store = || {
-            failpoint::hit("commit.after_fs").and_then(|()| {
-                self.meta.commit(key, name, record.id, |r| {
-                    r.kind = Kind::Committed;
-                    r.labels = labels;
-                    r.created = now;
-                    r.updated = now;
-                    r.usage = Some(committed.usage);
-                })
+        let stored = failpoint::hit("commit.after_fs").and_then(|()| {
+            self.meta.commit(key, name, record.id, |r| {
+                r.kind = Kind::Committed;
+                r.labels = labels;
+                r.created = now;
+                r.updated = now;
+                r.usage = Some(usage);
             })
-        };
-        let (stored, sealed) = if committed.sealed {
-            (store(), Ok(()))
-        } else {
-            // The read-only flag (a filesystem transaction commit) and the
-            // metadata commit (an fsync of the database) are independent
-            // flushes: run them at once, answer when both are done. A crash
-            // in between is repaired either way (docs/design.md, Commit).
-            std::thread::scope(|s| {
-                let seal = s.spawn(|| {
-                    failpoint::hit("commit.before_seal")
-                        .and_then(|()| self.backend.seal(&record.object))
-                });
-                let stored = store();
-                let sealed = seal
-                    .join()
-                    .unwrap_or_else(|_| Err(Error::Internal("setting read-only panicked".into())));
-                (stored, sealed)
-            })
-        };
+        });
         if let Err(e) = stored {
             // Undo the filesystem step so the snapshot stays active.
             let found = FoundObject {
                 id: record.id,
                 area: Kind::Committed,
-                readonly: committed.sealed || sealed.is_ok(),
+                readonly: true,
                 native: record.object.native,
             };
             if let Err(u) = self.backend.reconcile(&found, Kind::Active) {
                 error!(id = %record.id, error = %u, "could not undo a failed commit; startup repair will");
             }
             return Err(e);
-        }
-        if let Err(e) = sealed {
-            // Data and record are durable: the Commit happened, and failing
-            // it now would tell the client otherwise. The flag only guards
-            // against later writes; `check` reports it, `check --repair` and
-            // startup repair set it.
-            error!(
-                key = %truncate_for_message(key), name = %truncate_for_message(name), id = %record.id, error = %e,
-                "snapshot committed, but its read-only flag could not be set; left for repair"
-            );
         }
         failpoint::hit("commit.after_meta")?;
         debug!(key = %truncate_for_message(key), name = %truncate_for_message(name), id = %record.id, "committed");

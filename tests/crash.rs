@@ -7,8 +7,6 @@
 
 mod common;
 
-use std::os::fd::AsFd;
-
 use common::*;
 use cowsnap::proto::containerd::services::snapshots::v1 as pb;
 use tonic::Code;
@@ -205,111 +203,6 @@ async fn crash_after_commit_meta_step_keeps_the_commit() {
 }
 
 #[tokio::test]
-async fn commit_whose_read_only_flag_failed_is_acknowledged_and_sealed_by_repair() {
-    if skip_on_zfs("the btrfs read-only flag is set after the metadata step") {
-        return;
-    }
-    // Record committed (durable) but the flag not set: the Commit is
-    // acknowledged, and a crash afterwards leaves the object writable in
-    // the committed area, which startup repair seals.
-    let mut d = setup("commit.before_seal=error").await;
-    let mut c = d.client().await;
-    commit(&mut c, "layer", "work").await.unwrap();
-    assert!(
-        d.log_text().contains("read-only flag could not be set"),
-        "{}",
-        d.log_text()
-    );
-    assert_eq!(
-        stat(&mut c, "layer").await.unwrap().kind,
-        pb::Kind::Committed as i32
-    );
-    drop(c);
-    d.kill();
-    d.check_consistent_after_repair().await;
-    assert!(
-        d.log_text().contains("repair: moving object"),
-        "repair set the flag"
-    );
-    let mut c = d.client().await;
-    assert_eq!(
-        stat(&mut c, "layer").await.unwrap().kind,
-        pb::Kind::Committed as i32
-    );
-    let v = mount_dir(&view(&mut c, "check", "layer").await.unwrap());
-    assert!(has_pattern(&v.join("work"), 200_000, 2));
-    assert!(has_pattern(&v.join("base"), 300_000, 1));
-}
-
-#[tokio::test]
-async fn crash_while_setting_the_read_only_flag_keeps_or_rolls_back_the_commit() {
-    if skip_on_zfs("the btrfs read-only flag is set after the metadata step") {
-        return;
-    }
-    // The flag is set while the metadata commits: the crash comes before
-    // or after the record became durable, and either is repaired whole.
-    let mut d = setup("commit.before_seal=crash").await;
-    crash_and_restart(&mut d, |mut c| async move {
-        commit(&mut c, "layer", "work").await
-    })
-    .await;
-    let mut c = d.client().await;
-    match stat(&mut c, "layer").await {
-        Ok(info) => {
-            assert_eq!(info.kind, pb::Kind::Committed as i32);
-            assert_eq!(
-                stat(&mut c, "work").await.unwrap_err().code(),
-                Code::NotFound
-            );
-            let v = mount_dir(&view(&mut c, "check", "layer").await.unwrap());
-            assert!(has_pattern(&v.join("work"), 200_000, 2));
-        }
-        Err(e) => {
-            assert_eq!(e.code(), Code::NotFound);
-            assert_base_and_work_intact(&d).await;
-            commit(&mut c, "layer", "work").await.unwrap();
-        }
-    }
-}
-
-#[tokio::test]
-async fn committed_record_whose_rename_was_lost_is_moved_by_repair() {
-    if skip_on_zfs("btrfs areas are directories") {
-        return;
-    }
-    // A power cut after the metadata commit but before any btrfs
-    // transaction made the rename and the flag durable: the record says
-    // committed, the subvolume is writable in the active area. (A SIGKILL
-    // cannot lose the page cache, so the state is made by hand.)
-    let mut d = setup("").await;
-    let mut c = d.client().await;
-    commit(&mut c, "layer", "work").await.unwrap();
-    drop(c);
-    assert!(d.stop());
-    let meta = cowsnap::meta::MetaStore::open(&d.root.join("metadata.redb")).unwrap();
-    let id = meta.get("layer").unwrap().unwrap().id.0;
-    drop(meta);
-    let committed = d.root.join(format!("committed/{id}"));
-    let dir = std::fs::File::open(&committed).unwrap();
-    cowsnap::backend::btrfs::ioctl::set_readonly(dir.as_fd(), false).unwrap();
-    drop(dir);
-    std::fs::rename(&committed, d.root.join(format!("active/{id}"))).unwrap();
-    d.check_consistent_after_repair().await;
-    assert!(
-        d.log_text().contains("repair: moving object"),
-        "repair moved it"
-    );
-    let mut c = d.client().await;
-    assert_eq!(
-        stat(&mut c, "layer").await.unwrap().kind,
-        pb::Kind::Committed as i32
-    );
-    let v = mount_dir(&view(&mut c, "check", "layer").await.unwrap());
-    assert!(has_pattern(&v.join("work"), 200_000, 2));
-    assert!(has_pattern(&v.join("base"), 300_000, 1));
-}
-
-#[tokio::test]
 async fn crash_after_remove_meta_step_destroys_the_orphan() {
     let mut d = setup("remove.after_meta=crash").await;
     crash_and_restart(&mut d, |mut c| async move { remove(&mut c, "work").await }).await;
@@ -354,7 +247,11 @@ async fn crash_after_remove_fs_step_is_complete() {
 async fn failed_steps_are_undone_without_a_restart() {
     // An error (not a crash) after the filesystem step: the core undoes it
     // before answering, so nothing is left for repair.
-    for spec in ["create.after_fs=error", "commit.after_fs=error"] {
+    for spec in [
+        "create.after_fs=error",
+        "commit.after_rename=error",
+        "commit.after_fs=error",
+    ] {
         let mut d = setup(spec).await;
         let mut c = d.client().await;
         if spec.starts_with("create") {

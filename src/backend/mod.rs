@@ -30,16 +30,6 @@ pub struct FoundObject {
     pub native: u64,
 }
 
-/// What [`Backend::commit`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Committed {
-    /// The object's usage, measured after its data reached the disk.
-    pub usage: Usage,
-    /// Whether the object is already read-only; if not, the core calls
-    /// [`Backend::seal`] (concurrently with the metadata step).
-    pub sealed: bool,
-}
-
 /// What a backend cleanup pass reclaimed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BackendCleanup {
@@ -89,18 +79,9 @@ pub trait Backend: Send + Sync {
     fn create(&self, id: SnapshotId, kind: Kind, parent: Option<&ObjectRef>) -> Result<ObjectRef>;
 
     /// Freezes an active object into a committed one: makes its data
-    /// durable, moves it to the committed area and measures its usage after
-    /// the data reached the disk. It either makes the object read-only too
-    /// (`sealed`), or leaves that to [`Backend::seal`]. On error the object
-    /// is left active (or, if that undo fails too, for startup repair).
-    fn commit(&self, obj: &ObjectRef) -> Result<Committed>;
-
-    /// Makes a committed object read-only, when [`Backend::commit`] did not
-    /// (btrfs: the flag ioctl commits a filesystem transaction, which the
-    /// core overlaps with the metadata commit). Nothing to do by default.
-    fn seal(&self, _obj: &ObjectRef) -> Result<()> {
-        Ok(())
-    }
+    /// durable, makes it read-only and moves it to the committed area.
+    /// Returns its usage measured after the data reached the disk.
+    fn commit(&self, obj: &ObjectRef) -> Result<Usage>;
 
     /// Puts an object found in `found.area` (possibly half-way through a
     /// commit) into the state of `kind`: its area and its read-only flag.

@@ -9,10 +9,10 @@
 //! <root>/committed/<id>   former active subvolume, read-only flag set
 //! ```
 //!
-//! Commit makes the data durable (syncfs) and renames the subvolume into
-//! the committed area; `seal` then sets its read-only flag, while the core
-//! commits the metadata. It keeps its subvolume id and therefore its quota
-//! group, so the bytes it wrote stay accounted to it.
+//! Commit renames the subvolume into the committed area, sets its
+//! read-only flag and makes the data durable (syncfs); it keeps its
+//! subvolume id and therefore its quota group, so the bytes it wrote stay
+//! accounted to it.
 //! Usage is read from the quota tree (simple quotas where the kernel has
 //! them, full qgroups otherwise); nothing walks files.
 
@@ -34,7 +34,7 @@ use tracing::{info, warn};
 use self::ioctl::{QuotaMode, SubvolId};
 use crate::backend::sync_batch::SyncBatcher;
 use crate::backend::{
-    AccountingState, Backend, BackendCleanup, Committed, FilesystemSpace, FoundObject, ObjectSpace,
+    AccountingState, Backend, BackendCleanup, FilesystemSpace, FoundObject, ObjectSpace,
 };
 use crate::config::QuotaSetting;
 use crate::error::{Error, IoContext, Result};
@@ -152,6 +152,30 @@ impl BtrfsBackend {
     }
 }
 
+impl BtrfsBackend {
+    /// Puts a failed commit back in the active area (flag cleared first if
+    /// it was set); if that fails too, startup repair does it.
+    fn undo_commit(&self, id: SnapshotId, fd: BorrowedFd<'_>, sealed: bool) {
+        let name = id.0.to_string();
+        let undone = if sealed {
+            ioctl::set_readonly(fd, false)
+        } else {
+            Ok(())
+        }
+        .and_then(|()| {
+            renameat(
+                self.area_fd(Kind::Committed),
+                name.as_str(),
+                self.area_fd(Kind::Active),
+                name.as_str(),
+            )
+        });
+        if let Err(e) = undone {
+            warn!(id = %id, error = %e, "could not move a failed commit back to the active area; startup repair will");
+        }
+    }
+}
+
 impl Backend for BtrfsBackend {
     fn describe(&self) -> String {
         let mode = match self.quota {
@@ -205,19 +229,13 @@ impl Backend for BtrfsBackend {
         })
     }
 
-    fn commit(&self, obj: &ObjectRef) -> Result<Committed> {
+    fn commit(&self, obj: &ObjectRef) -> Result<Usage> {
         let name = obj.id.0.to_string();
         let from = self.path_of(Kind::Active, obj.id);
         let to = self.path_of(Kind::Committed, obj.id);
         let fd = open_dir(&from)?;
-        // Durability first: neither the rename nor the read-only flag
-        // writes back dirty data (see docs/design.md, "Durability").
-        // Concurrent commits share one syncfs that started after all of
-        // their writes. syncfs ends with a transaction commit, which also
-        // brings the quota figures up to date for the measure below.
-        self.syncs
-            .sync(|| ioctl::sync_fs(fd.as_fd()).map_err(std::io::Error::from))
-            .context(|| format!("syncfs {}", from.display()))?;
+        // The flag comes after the rename: a read-only subvolume cannot
+        // move to another directory.
         renameat(
             self.area_fd(Kind::Active),
             name.as_str(),
@@ -225,35 +243,35 @@ impl Backend for BtrfsBackend {
             name.as_str(),
         )
         .context(|| format!("rename {} to {}", from.display(), to.display()))?;
-        let measured = crate::failpoint::hit("commit.after_rename")
-            .and_then(|()| self.measure(obj, fd.as_fd()));
-        match measured {
-            // The read-only flag is left to `seal`: it commits a btrfs
-            // transaction (which also makes the rename durable), and the
-            // core runs it while the metadata commits.
-            Ok(usage) => Ok(Committed {
-                usage,
-                sealed: false,
-            }),
+        if let Err(e) = crate::failpoint::hit("commit.after_rename") {
+            self.undo_commit(obj.id, fd.as_fd(), false);
+            return Err(e);
+        }
+        // The flag first: it commits a btrfs transaction, which makes the
+        // rename durable. Then durability: the flag does not write back
+        // dirty data (docs/design.md, "Durability"); syncfs does, and
+        // commits a transaction again only if there was any. Concurrent
+        // commits share one syncfs that started after all of their writes.
+        // Both commits finish before the metadata step, whose fsync is then
+        // a log write: in a transaction that renamed a subvolume, btrfs
+        // turns an fsync into a full transaction commit.
+        let sealed = ioctl::set_readonly(fd.as_fd(), true);
+        let done = match sealed {
+            Err(e) => Err(Error::io(format!("set read-only {}", to.display()), e)),
+            Ok(()) => self
+                .syncs
+                .sync(|| ioctl::sync_fs(fd.as_fd()).map_err(std::io::Error::from))
+                .context(|| format!("syncfs {}", to.display())),
+        };
+        // A transaction committed after the last write (the flag's, or the
+        // sync's if there was data): the quota figures are up to date.
+        match done.and_then(|()| self.measure(obj, fd.as_fd())) {
+            Ok(usage) => Ok(usage),
             Err(e) => {
-                if let Err(u) = renameat(
-                    self.area_fd(Kind::Committed),
-                    name.as_str(),
-                    self.area_fd(Kind::Active),
-                    name.as_str(),
-                ) {
-                    warn!(id = %obj.id, error = %u, "could not move a failed commit back to the active area; startup repair will");
-                }
+                self.undo_commit(obj.id, fd.as_fd(), sealed.is_ok());
                 Err(e)
             }
         }
-    }
-
-    fn seal(&self, obj: &ObjectRef) -> Result<()> {
-        let path = self.path_of(Kind::Committed, obj.id);
-        let fd = open_dir(&path)?;
-        ioctl::set_readonly(fd.as_fd(), true)
-            .context(|| format!("set read-only {}", path.display()))
     }
 
     fn reconcile(&self, found: &FoundObject, kind: Kind) -> Result<()> {

@@ -37,7 +37,7 @@ use tracing::{debug, info, warn};
 
 use self::cmd::{ZfsTool, rows};
 use crate::backend::{
-    AccountingState, Backend, BackendCleanup, Committed, FilesystemSpace, FoundObject, ObjectSpace,
+    AccountingState, Backend, BackendCleanup, FilesystemSpace, FoundObject, ObjectSpace,
 };
 use crate::error::{Error, Result};
 use crate::meta::ObjectRef;
@@ -389,17 +389,12 @@ impl Backend for ZfsBackend {
         described
     }
 
-    fn commit(&self, obj: &ObjectRef) -> Result<Committed> {
+    fn commit(&self, obj: &ObjectRef) -> Result<Usage> {
         let from = self.dataset(Kind::Active, obj.id);
         let to = self.dataset(Kind::Committed, obj.id);
         self.tool.run_checked(&["rename", &from, &to])?;
-        // Sealed here, not later: children clone `@cowsnap`, which must
-        // exist before a record says the snapshot is committed.
         match self.freeze(obj, &to) {
-            Ok(usage) => Ok(Committed {
-                usage,
-                sealed: true,
-            }),
+            Ok(usage) => Ok(usage),
             Err(e) => {
                 let found = FoundObject {
                     id: obj.id,
@@ -703,7 +698,7 @@ mod tests {
             assert_eq!(mode & 0o7777, 0o755);
             write_files(mnt.path(), 1 << 20, 10);
         }
-        let u = b.commit(&a).unwrap().usage;
+        let u = b.commit(&a).unwrap();
         assert!(
             u.size >= 1 << 20 && u.size < (1 << 20) + (256 << 10),
             "committed usage {u:?}"
