@@ -135,6 +135,12 @@ async fn serve(cfg: Config) -> Result<Option<embedded::EmbeddedRoot>, DaemonErro
     if in_flight.load(Ordering::SeqCst) > 0 {
         warn!("calls still running after the grace period; exiting without waiting for them");
     }
+    // Destroy the objects that Removes queued (one ioctl each); after a
+    // crash, startup repair would destroy them as orphans.
+    let finishing = core.clone();
+    if let Err(e) = tokio::task::spawn_blocking(move || finishing.shutdown()).await {
+        warn!(error = %e, "could not finish the queued destroys; startup repair destroys what is left");
+    }
     drop(core);
     match served {
         Ok(r) => r?,

@@ -256,9 +256,9 @@ impl Snapshotter {
     pub fn check(&self, repair: bool) -> Result<Vec<Finding>> {
         let mut findings = Vec::new();
         // Same ordering argument as Cleanup: filesystem, then the set of
-        // objects being created, then the records.
+        // objects being created or destroyed, then the records.
         let found = self.backend.scan()?;
-        let creating = self.creating_ids();
+        let creating = self.busy_ids();
         let records = self.meta.all()?;
         let recorded: HashSet<SnapshotId> = records.iter().map(|(_, r)| r.id).collect();
         let by_id: HashMap<SnapshotId, FoundObject> = found.iter().map(|f| (f.id, *f)).collect();

@@ -20,6 +20,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod destroy_queue;
 pub mod embedded;
 pub mod error;
 pub mod failpoint;
@@ -31,6 +32,7 @@ pub mod keylock;
 pub mod meta;
 pub mod metrics;
 pub mod model;
+pub mod rounds;
 pub mod snapshotter;
 pub mod transfer;
 

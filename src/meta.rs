@@ -9,23 +9,42 @@
 //! | `children`  | (parent id, child id)       | `()`                                   |
 //! | `meta`      | `"schema_version"`, `"next_id"` | `u64`                              |
 //!
-//! Every mutation is exactly one write transaction with immediate durability,
-//! and re-checks inside that transaction everything it depends on (the key is
-//! free, the parent exists and is committed, no children), because the core
-//! checks first outside any transaction and then does slow filesystem work
-//! without holding one. Records are JSON so that fields can be added with
-//! defaults without a migration.
+//! Every mutation is exactly one write transaction, and re-checks inside
+//! that transaction everything it depends on (the key is free, the parent
+//! exists and is committed, no children), because the core checks first
+//! outside any transaction and then does slow filesystem work without
+//! holding one. Records are JSON so that fields can be added with defaults
+//! without a migration.
+//!
+//! # Group commit
+//!
+//! A mutation returns only once its transaction is durable, but concurrent
+//! mutations share the fsync. redb runs one write transaction at a time and
+//! orders all commits; a durable commit persists the whole database state,
+//! every earlier commit included. So a mutation commits with
+//! `Durability::None` (in memory, visible to later transactions) and then
+//! waits for a *flush round*, an empty durable write transaction that
+//! started after its commit ([`crate::rounds::Rounds`]); one such fsync
+//! covers every mutation that committed before it. A mutation that finds no
+//! other writer and no round running commits durably itself (the round is
+//! its own commit), so a lone client pays one fsync per mutation, as
+//! before. Why this keeps the crash protocol sound is in docs/design.md
+//! ("Group commit of the metadata").
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+    WriteTransaction,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::model::{Info, Kind, Labels, SnapshotId, Timestamp, Usage, truncate_for_message};
+use crate::rounds::Rounds;
 
 const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
 const IDS: TableDefinition<u64, &str> = TableDefinition::new("ids");
@@ -117,7 +136,75 @@ pub struct MetaStore {
     /// call ("previous I/O error") until the database is reopened, which
     /// the next call does (e.g. once a full disk has room again).
     needs_reopen: AtomicBool,
+    /// Counts reopens. A commit is durable only through a flush round on
+    /// the same database handle: a reopen discards what was not flushed.
+    generation: AtomicU64,
+    /// Flush rounds (durable commits) shared by concurrent mutations; a
+    /// round's value is the generation it flushed.
+    flushes: Rounds<u64, FlushFailure>,
+    /// Mutations between their start and their commit: with more than one,
+    /// commits are left to a shared flush round.
+    writers: AtomicUsize,
     path: PathBuf,
+}
+
+/// A failed flush round, as remembered for every mutation it covered.
+#[derive(Debug, Clone)]
+struct FlushFailure {
+    context: String,
+    /// The I/O error, if it was one (kept so that a full disk still answers
+    /// ResourceExhausted).
+    io: Option<(std::io::ErrorKind, Option<i32>)>,
+    message: String,
+}
+
+impl FlushFailure {
+    fn new(e: &Error) -> Self {
+        let (context, io) = match e {
+            Error::Metadata { context, source } => (
+                context.clone(),
+                match source.as_ref() {
+                    redb::Error::Io(io) => Some((io.kind(), io.raw_os_error())),
+                    _ => None,
+                },
+            ),
+            _ => (String::new(), None),
+        };
+        FlushFailure {
+            context,
+            io,
+            message: e.to_string(),
+        }
+    }
+
+    fn into_error(self) -> Error {
+        match self.io {
+            Some((kind, errno)) => Error::meta(
+                self.context,
+                redb::Error::Io(match errno {
+                    Some(errno) => std::io::Error::from_raw_os_error(errno),
+                    None => std::io::Error::from(kind),
+                }),
+            ),
+            None => Error::Internal(self.message),
+        }
+    }
+}
+
+/// Counts a mutation in [`MetaStore::writers`] while it lives.
+struct Writing<'a>(&'a AtomicUsize);
+
+impl<'a> Writing<'a> {
+    fn enter(n: &'a AtomicUsize) -> Self {
+        n.fetch_add(1, Ordering::SeqCst);
+        Writing(n)
+    }
+}
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl MetaStore {
@@ -127,6 +214,9 @@ impl MetaStore {
         let store = MetaStore {
             db: RwLock::new(Some(open_checked(path)?)),
             needs_reopen: AtomicBool::new(false),
+            generation: AtomicU64::new(0),
+            flushes: Rounds::default(),
+            writers: AtomicUsize::new(0),
             path: path.to_owned(),
         };
         store.init_schema()?;
@@ -172,9 +262,103 @@ impl MetaStore {
             )
         })?;
         *guard = Some(db);
+        // Commits not flushed before the reopen are gone (or were flushed by
+        // the failed round after all): no later round may vouch for them.
+        self.generation.fetch_add(1, Ordering::SeqCst);
         self.needs_reopen.store(false, Ordering::SeqCst);
         tracing::info!(path = %self.path.display(), "metadata reopened after an I/O error");
         Ok(())
+    }
+
+    /// Runs one mutation: `change` in a write transaction, committed and
+    /// durable when this returns Ok (see "Group commit" above). An error
+    /// from `change` aborts the transaction. An error after the commit (a
+    /// failed flush round) leaves the outcome unknown, as a failed durable
+    /// commit does: the change may or may not survive the reopen that
+    /// follows.
+    fn mutate<T>(
+        &self,
+        what: &str,
+        change: impl FnOnce(&WriteTransaction) -> Result<T>,
+    ) -> Result<T> {
+        let writing = Writing::enter(&self.writers);
+        let (out, ticket, generation, flushed) = self.with_db(|db| {
+            let mut txn = db
+                .begin_write()
+                .map_err(|e| Error::meta("begin write", e))?;
+            let out = change(&txn)?;
+            let generation = self.generation.load(Ordering::SeqCst);
+            // Taken while this transaction holds redb's write lock: a round
+            // that counts this ticket begins its own transaction after this
+            // one committed, so it makes this one durable too.
+            let ticket = self.flushes.ticket();
+            if self.writers.load(Ordering::SeqCst) == 1 {
+                // Alone: commit durably, as the round covering every ticket
+                // so far (this one included), unless a round is running.
+                let mut pending = Some(txn);
+                let led = self.flushes.lead_if_idle(|| {
+                    let txn = pending.take().ok_or_else(|| {
+                        FlushFailure::new(&Error::Internal("transaction committed twice".into()))
+                    })?;
+                    txn.commit()
+                        .map(|()| generation)
+                        .map_err(|e| self.round_failed(Error::meta(format!("commit {what}"), e)))
+                });
+                match (led, pending) {
+                    (Some(result), _) => return Ok((out, ticket, generation, Some(result))),
+                    (None, Some(t)) => txn = t,
+                    (None, None) => {
+                        return Err(Error::Internal("transaction lost by the flush".into()));
+                    }
+                }
+            }
+            txn.set_durability(Durability::None)
+                .map_err(|e| Error::meta(format!("set durability of {what}"), e))?;
+            txn.commit()
+                .map_err(|e| Error::meta(format!("commit {what}"), e))?;
+            Ok((out, ticket, generation, None))
+        })?;
+        drop(writing);
+        let flushed = match flushed {
+            Some(result) => result,
+            None => self.flushes.wait(ticket, || self.flush_round()),
+        };
+        let flushed = flushed.map_err(FlushFailure::into_error)?;
+        if flushed != generation {
+            return Err(Error::Unavailable(format!(
+                "metadata {} was reopened after an I/O error before this {what} was made durable; it may be lost",
+                self.path.display()
+            )));
+        }
+        Ok(out)
+    }
+
+    /// A flush round: an empty durable write transaction, which persists
+    /// every commit before it. Returns the generation it flushed.
+    fn flush_round(&self) -> Result<u64, FlushFailure> {
+        self.with_db(|db| {
+            let generation = self.generation.load(Ordering::SeqCst);
+            let txn = db
+                .begin_write()
+                .map_err(|e| Error::meta("begin flush", e))?;
+            txn.commit().map_err(|e| Error::meta("flush", e))?;
+            Ok(generation)
+        })
+        .map_err(|e| self.round_failed(e))
+    }
+
+    /// Notes a failed flush round. The database is reopened before the next
+    /// call whatever the error was: the commits the round covered answer an
+    /// error, and must not be flushed later by a round that succeeds.
+    fn round_failed(&self, e: Error) -> FlushFailure {
+        self.needs_reopen.store(true, Ordering::SeqCst);
+        tracing::warn!(path = %self.path.display(), error = %e, "metadata flush failed; reopening the database");
+        FlushFailure::new(&e)
+    }
+
+    /// Flush rounds run so far (each one fsync of the database).
+    pub fn flush_rounds(&self) -> u64 {
+        self.flushes.rounds()
     }
 
     /// Where the database lives.
@@ -325,10 +509,7 @@ impl MetaStore {
     /// AlreadyExists when the key is taken and NotFound/FailedPrecondition
     /// when the parent vanished or is not committed.
     pub fn insert(&self, key: &str, record: &Record) -> Result<()> {
-        self.with_db(|db| {
-            let txn = db
-                .begin_write()
-                .map_err(|e| Error::meta("begin write", e))?;
+        self.mutate("insert", |txn| {
             {
                 let mut snaps = txn
                     .open_table(SNAPSHOTS)
@@ -394,7 +575,7 @@ impl MetaStore {
                         .map_err(|e| Error::meta("write next id", e))?;
                 }
             }
-            txn.commit().map_err(|e| Error::meta("commit insert", e))
+            Ok(())
         })
     }
 
@@ -408,10 +589,7 @@ impl MetaStore {
         expect_id: SnapshotId,
         update: impl FnOnce(&mut Record),
     ) -> Result<Record> {
-        self.with_db(|db| {
-            let txn = db
-                .begin_write()
-                .map_err(|e| Error::meta("begin write", e))?;
+        self.mutate("commit", |txn| {
             let record = {
                 let mut snaps = txn
                     .open_table(SNAPSHOTS)
@@ -447,7 +625,6 @@ impl MetaStore {
                     .map_err(|e| Error::meta("update id", e))?;
                 record
             };
-            txn.commit().map_err(|e| Error::meta("commit commit", e))?;
             Ok(record)
         })
     }
@@ -455,10 +632,7 @@ impl MetaStore {
     /// Drops the record of `key` (which must still be snapshot `expect_id`).
     /// Fails with FailedPrecondition when it has children.
     pub fn remove(&self, key: &str, expect_id: SnapshotId) -> Result<Record> {
-        self.with_db(|db| {
-            let txn = db
-                .begin_write()
-                .map_err(|e| Error::meta("begin write", e))?;
+        self.mutate("remove", |txn| {
             let record = {
                 let mut snaps = txn
                     .open_table(SNAPSHOTS)
@@ -496,7 +670,6 @@ impl MetaStore {
                 }
                 record
             };
-            txn.commit().map_err(|e| Error::meta("commit remove", e))?;
             Ok(record)
         })
     }
@@ -507,10 +680,7 @@ impl MetaStore {
         key: &str,
         change: impl FnOnce(&mut Record) -> Result<()>,
     ) -> Result<Record> {
-        self.with_db(|db| {
-            let txn = db
-                .begin_write()
-                .map_err(|e| Error::meta("begin write", e))?;
+        self.mutate("update", |txn| {
             let record = {
                 let mut snaps = txn
                     .open_table(SNAPSHOTS)
@@ -522,7 +692,6 @@ impl MetaStore {
                     .map_err(|e| Error::meta("update snapshot", e))?;
                 record
             };
-            txn.commit().map_err(|e| Error::meta("commit update", e))?;
             Ok(record)
         })
     }
@@ -752,6 +921,73 @@ mod tests {
         let m = MetaStore::open(&dir.join("metadata.redb")).unwrap();
         assert_eq!(m.get("a").unwrap().unwrap().id, SnapshotId(7));
         assert_eq!(m.next_id().unwrap(), 8);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_failed_flush_keeps_its_code_for_every_mutation_it_covered() {
+        let full = Error::meta(
+            "flush",
+            redb::Error::Io(std::io::Error::from_raw_os_error(libc::ENOSPC)),
+        );
+        let shared = FlushFailure::new(&full);
+        assert_eq!(shared.clone().into_error().code(), Code::ResourceExhausted);
+        let other = FlushFailure::new(&Error::meta("flush", redb::Error::PreviousIo));
+        assert_eq!(other.into_error().code(), Code::Internal);
+    }
+
+    #[test]
+    fn a_lone_mutation_is_its_own_flush_round() {
+        let (m, dir) = store();
+        for i in 1..=5 {
+            m.insert(&format!("k{i}"), &rec(i, Kind::Active, None))
+                .unwrap();
+        }
+        // One durable commit each, no extra empty round.
+        assert_eq!(m.flush_rounds(), 5);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn concurrent_mutations_share_flush_rounds_and_all_survive_reopen() {
+        let (m, dir) = store();
+        let m = std::sync::Arc::new(m);
+        let threads: Vec<_> = (0..8u64)
+            .map(|t| {
+                let m = m.clone();
+                std::thread::spawn(move || {
+                    for i in 0..25u64 {
+                        let id = 1 + t * 100 + i;
+                        let key = format!("t{t}-{i}");
+                        m.insert(&key, &rec(id, Kind::Active, None)).unwrap();
+                        m.update(&key, |r| {
+                            r.labels.insert("n".into(), i.to_string());
+                            Ok(())
+                        })
+                        .unwrap();
+                        if i % 2 == 0 {
+                            m.remove(&key, SnapshotId(id)).unwrap();
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let mutations = 8 * (25 + 25 + 13);
+        let rounds = m.flush_rounds();
+        // Each round is one fsync; 8 writers always overlap somewhere.
+        assert!(
+            rounds < mutations,
+            "{rounds} rounds for {mutations} mutations"
+        );
+        let m = std::sync::Arc::into_inner(m).unwrap();
+        drop(m);
+        let m = MetaStore::open(&dir.join("metadata.redb")).unwrap();
+        let all = m.all().unwrap();
+        assert_eq!(all.len(), 8 * 12);
+        assert!(all.iter().all(|(_, r)| r.labels.contains_key("n")));
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -30,12 +30,13 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use tracing::{debug, error, info, warn};
 
 use crate::backend::{Backend, FoundObject};
+use crate::destroy_queue::DestroyQueue;
 use crate::error::{Error, Result};
 use crate::failpoint;
 use crate::filter::{FilterSet, SnapshotFields};
@@ -81,11 +82,14 @@ impl RepairReport {
 /// The snapshotter: owns the metadata and the backend.
 pub struct Snapshotter {
     pub(crate) meta: MetaStore,
-    pub(crate) backend: Box<dyn Backend>,
+    pub(crate) backend: Arc<dyn Backend>,
     pub(crate) locks: KeyLocks,
     /// Ids whose object is being created and has no record yet: Cleanup
     /// must not mistake them for orphans.
     creating: Mutex<HashSet<SnapshotId>>,
+    /// Objects of removed snapshots, destroyed after Remove replied (on
+    /// backends that allow it; `None`: Remove destroys before replying).
+    destroys: Option<DestroyQueue>,
     next_id: AtomicU64,
     root: std::path::PathBuf,
     started: Timestamp,
@@ -103,16 +107,21 @@ impl Snapshotter {
         refuse_new_metadata_over_objects(&path, backend.as_ref())?;
         let meta = MetaStore::open(&path)?;
         let next = meta.next_id()?;
-        let s = Snapshotter {
+        let backend: Arc<dyn Backend> = Arc::from(backend);
+        let mut s = Snapshotter {
             meta,
             backend,
             locks: KeyLocks::default(),
             creating: Mutex::new(HashSet::new()),
+            destroys: None,
             next_id: AtomicU64::new(next),
             root: root.to_owned(),
             started: Timestamp::now(),
         };
         let report = s.repair()?;
+        if s.backend.destroy_in_background() {
+            s.destroys = Some(DestroyQueue::start(s.backend.clone())?);
+        }
         Ok((s, report))
     }
 
@@ -384,7 +393,9 @@ impl Snapshotter {
     /// Removes snapshot `key`. Fails with FailedPrecondition when it has
     /// children. Once the record is gone the call succeeds even if the
     /// object cannot be destroyed now (Cleanup retries), so containerd's
-    /// garbage collector is never stuck on one snapshot.
+    /// garbage collector is never stuck on one snapshot. Where the backend
+    /// allows it, the object is destroyed after the reply, by a background
+    /// worker (see [`DestroyQueue`]).
     pub fn remove(&self, key: &str) -> Result<()> {
         validate_key("key", key)?;
         let _guard = self.locks.lock(&[key]);
@@ -397,6 +408,13 @@ impl Snapshotter {
         }
         self.meta.remove(key, record.id)?;
         failpoint::hit("remove.after_meta")?;
+        if let Some(queue) = &self.destroys {
+            // The record is gone durably: the object is an orphan nobody
+            // refers to, and its destruction need not hold up the reply.
+            queue.push(record.id, record.object.native);
+            debug!(key = %truncate_for_message(key), id = %record.id, "removed; object queued for destruction");
+            return Ok(());
+        }
         if let Err(e) = self.backend.destroy(record.id, record.object.native) {
             warn!(
                 key = %truncate_for_message(key),
@@ -537,17 +555,22 @@ impl Snapshotter {
     /// by a Remove whose destroy failed) and the backend's stale accounting.
     /// Safe while other operations run.
     pub fn cleanup(&self) -> Result<RepairReport> {
+        // What Removes queued before this call is destroyed by the queue.
+        if let Some(queue) = &self.destroys {
+            queue.drain();
+        }
         // Order matters: list the filesystem first, then take the set of
-        // objects being created, then read the records. An object that
-        // exists in the listing either was still being created when the set
-        // was taken (skipped) or has its record committed before the read.
+        // objects being created (or destroyed by the queue), then read the
+        // records. An object that exists in the listing either was still
+        // being created when the set was taken (skipped) or has its record
+        // committed before the read.
         let found = self.backend.scan()?;
-        let creating = self.creating_ids();
+        let busy = self.busy_ids();
         let recorded: HashSet<SnapshotId> = self.meta.all_ids()?.into_iter().collect();
         let mut report = RepairReport::default();
         let mut live = Vec::with_capacity(found.len());
         for f in found {
-            if recorded.contains(&f.id) || creating.contains(&f.id) {
+            if recorded.contains(&f.id) || busy.contains(&f.id) {
                 live.push(f);
                 continue;
             }
@@ -652,8 +675,24 @@ impl Snapshotter {
         self.creating_set().remove(&id);
     }
 
-    pub(crate) fn creating_ids(&self) -> HashSet<SnapshotId> {
-        self.creating_set().clone()
+    /// Ids whose object has no record because it is being created, or
+    /// because it waits in the destroy queue: not orphans.
+    pub(crate) fn busy_ids(&self) -> HashSet<SnapshotId> {
+        let mut ids = self.creating_set().clone();
+        if let Some(queue) = &self.destroys {
+            ids.extend(queue.pending());
+        }
+        ids
+    }
+
+    /// Finishes background work: destroys the objects still queued by
+    /// Removes and stops the worker (later Removes destroy before
+    /// replying). Called at shutdown, once no call is in flight; what a
+    /// crash leaves queued is destroyed by startup repair instead.
+    pub fn shutdown(&self) {
+        if let Some(queue) = &self.destroys {
+            queue.shutdown();
+        }
     }
 
     fn creating_set(&self) -> std::sync::MutexGuard<'_, HashSet<SnapshotId>> {

@@ -505,6 +505,72 @@ async fn random_storm_on_shared_keys_has_only_documented_errors() {
     stop_and_check(d).await;
 }
 
+#[tokio::test]
+async fn acknowledged_concurrent_mutations_survive_a_sigkill() {
+    // Concurrent mutations share metadata flush rounds (group commit):
+    // each is acknowledged only after a durable round that covers it, so a
+    // kill right after the last acknowledgement loses none of them.
+    let mut d = Daemon::start().await;
+    let mut c = d.client().await;
+    base(&mut c).await;
+    let mut tasks = Vec::new();
+    for (i, mut c) in clients(&d, 8).await.into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move {
+            for round in 0..4 {
+                let dir = mount_dir(
+                    &prepare(&mut c, &format!("a{i}-{round}"), "base")
+                        .await
+                        .unwrap(),
+                );
+                write_pattern(&dir.join("own"), 8 * 1024, (i * 4 + round) as u8);
+                commit(&mut c, &format!("c{i}-{round}"), &format!("a{i}-{round}"))
+                    .await
+                    .unwrap();
+                prepare(&mut c, &format!("r{i}-{round}"), "").await.unwrap();
+                remove(&mut c, &format!("r{i}-{round}")).await.unwrap();
+                prepare(&mut c, &format!("k{i}-{round}"), &format!("c{i}-{round}"))
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    tokio::time::timeout(DEADLOCK, async {
+        for t in tasks {
+            t.await.unwrap();
+        }
+    })
+    .await
+    .expect("deadlock");
+    drop(c);
+    d.kill();
+    d.spawn().await;
+    let mut c = d.client().await;
+    for i in 0..8 {
+        for round in 0..4 {
+            let committed = stat(&mut c, &format!("c{i}-{round}")).await.unwrap();
+            assert_eq!(committed.kind, pb::Kind::Committed as i32);
+            let active = stat(&mut c, &format!("k{i}-{round}")).await.unwrap();
+            assert_eq!(active.kind, pb::Kind::Active as i32);
+            for gone in [format!("a{i}-{round}"), format!("r{i}-{round}")] {
+                assert_eq!(
+                    stat(&mut c, &gone).await.unwrap_err().code(),
+                    Code::NotFound,
+                    "{gone}"
+                );
+            }
+            let v = mount_dir(
+                &view(&mut c, "check", &format!("c{i}-{round}"))
+                    .await
+                    .unwrap(),
+            );
+            assert!(has_pattern(&v.join("own"), 8 * 1024, (i * 4 + round) as u8));
+            remove(&mut c, "check").await.unwrap();
+        }
+    }
+    drop(c);
+    stop_and_check(d).await;
+}
+
 /// Runs two futures concurrently (no `futures` crate needed).
 async fn futures_join<A: std::future::Future, B: std::future::Future>(
     a: A,

@@ -348,9 +348,57 @@ async fn remove_deletes_nested_subvolumes_without_failing() {
     }
     std::fs::write(dir.join("inner/sv1/sv2/file"), b"data").unwrap();
     remove(&mut c, "ctr").await.unwrap();
-    assert!(!dir.exists());
+    // The subvolume is deleted after the reply, by the destroy queue (not
+    // by Cleanup or a restart: neither runs here).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while dir.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not deleted:\n{}",
+            d.log_text()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(!d.log_text().contains("could not be destroyed"));
     assert!(d.stop());
     assert_eq!(d.check_consistent(), (0, 0));
+}
+
+#[tokio::test]
+async fn objects_removed_before_cleanup_or_shutdown_are_destroyed_by_then() {
+    let mut d = Daemon::start().await;
+    let mut c = d.client().await;
+    let mut dirs = Vec::new();
+    for i in 0..40 {
+        let dir = mount_dir(&prepare(&mut c, &format!("a{i}"), "").await.unwrap());
+        std::fs::write(dir.join("f"), b"x").unwrap();
+        dirs.push(dir);
+    }
+    for i in 0..20 {
+        remove(&mut c, &format!("a{i}")).await.unwrap();
+    }
+    // Cleanup waits for the queued destroys instead of racing them, so it
+    // finds no orphan; the queue destroyed all 20.
+    cleanup(&mut c).await.unwrap();
+    assert!(dirs[..20].iter().all(|d| !d.exists()));
+    assert!(
+        !d.log_text().contains("destroyed orphan"),
+        "{}",
+        d.log_text()
+    );
+    // A SIGTERM right after Removes finishes their destroys before exit.
+    for i in 20..40 {
+        remove(&mut c, &format!("a{i}")).await.unwrap();
+    }
+    drop(c);
+    assert!(d.stop());
+    assert!(dirs.iter().all(|d| !d.exists()));
+    assert_eq!(d.check_consistent(), (0, 0));
+    assert!(
+        !d.log_text().contains("destroyed orphan"),
+        "{}",
+        d.log_text()
+    );
 }
 
 #[tokio::test]

@@ -93,6 +93,13 @@ pub trait Backend: Send + Sync {
     /// not an error.
     fn destroy(&self, id: SnapshotId, native: u64) -> Result<()>;
 
+    /// Whether Remove may destroy objects after replying (by a background
+    /// worker, see `destroy_queue.rs`) rather than before. False by default:
+    /// the destroy runs inside the Remove call.
+    fn destroy_in_background(&self) -> bool {
+        false
+    }
+
     /// Current usage of an active object or view (the figure for a
     /// committed snapshot is stored at commit).
     fn usage(&self, obj: &ObjectRef, kind: Kind) -> Result<Usage>;

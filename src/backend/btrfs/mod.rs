@@ -9,9 +9,10 @@
 //! <root>/committed/<id>   former active subvolume, read-only flag set
 //! ```
 //!
-//! Commit makes the data durable (syncfs), renames the subvolume into the
-//! committed area and sets its read-only flag; it keeps its subvolume id and
-//! therefore its quota group, so the bytes it wrote stay accounted to it.
+//! Commit renames the subvolume into the committed area, sets its
+//! read-only flag and makes the data durable (syncfs); it keeps its
+//! subvolume id and therefore its quota group, so the bytes it wrote stay
+//! accounted to it.
 //! Usage is read from the quota tree (simple quotas where the kernel has
 //! them, full qgroups otherwise); nothing walks files.
 
@@ -162,6 +163,30 @@ impl BtrfsBackend {
     }
 }
 
+impl BtrfsBackend {
+    /// Puts a failed commit back in the active area (flag cleared first if
+    /// it was set); if that fails too, startup repair does it.
+    fn undo_commit(&self, id: SnapshotId, fd: BorrowedFd<'_>, sealed: bool) {
+        let name = id.0.to_string();
+        let undone = if sealed {
+            ioctl::set_readonly(fd, false)
+        } else {
+            Ok(())
+        }
+        .and_then(|()| {
+            renameat(
+                self.area_fd(Kind::Committed),
+                name.as_str(),
+                self.area_fd(Kind::Active),
+                name.as_str(),
+            )
+        });
+        if let Err(e) = undone {
+            warn!(id = %id, error = %e, "could not move a failed commit back to the active area; startup repair will");
+        }
+    }
+}
+
 impl Backend for BtrfsBackend {
     fn describe(&self) -> String {
         let mode = match self.quota {
@@ -220,14 +245,8 @@ impl Backend for BtrfsBackend {
         let from = self.path_of(Kind::Active, obj.id);
         let to = self.path_of(Kind::Committed, obj.id);
         let fd = open_dir(&from)?;
-        // Durability first: the read-only flag does not write back dirty
-        // data (see docs/design.md, "Durability"). Concurrent commits share
-        // one syncfs that started after all of their writes.
-        if self.commit_sync {
-            self.syncs
-                .sync(|| ioctl::sync_fs(fd.as_fd()).map_err(std::io::Error::from))
-                .context(|| format!("syncfs {}", from.display()))?;
-        }
+        // The flag comes after the rename: a read-only subvolume cannot
+        // move to another directory.
         renameat(
             self.area_fd(Kind::Active),
             name.as_str(),
@@ -235,19 +254,36 @@ impl Backend for BtrfsBackend {
             name.as_str(),
         )
         .context(|| format!("rename {} to {}", from.display(), to.display()))?;
-        crate::failpoint::hit("commit.after_rename")?;
-        // Setting the flag commits a btrfs transaction, which also makes the
-        // rename durable and brings the quota figures up to date.
-        if let Err(e) = ioctl::set_readonly(fd.as_fd(), true) {
-            let _ = renameat(
-                self.area_fd(Kind::Committed),
-                name.as_str(),
-                self.area_fd(Kind::Active),
-                name.as_str(),
-            );
-            return Err(Error::io(format!("set read-only {}", to.display()), e));
+        if let Err(e) = crate::failpoint::hit("commit.after_rename") {
+            self.undo_commit(obj.id, fd.as_fd(), false);
+            return Err(e);
         }
-        self.measure(obj, fd.as_fd())
+        // The flag first: it commits a btrfs transaction, which makes the
+        // rename durable. Then durability: the flag does not write back
+        // dirty data (docs/design.md, "Durability"); syncfs does, and
+        // commits a transaction again only if there was any. Concurrent
+        // commits share one syncfs that started after all of their writes.
+        // Both commits finish before the metadata step, whose fsync is then
+        // a log write: in a transaction that renamed a subvolume, btrfs
+        // turns an fsync into a full transaction commit.
+        let sealed = ioctl::set_readonly(fd.as_fd(), true);
+        let done = match sealed {
+            Err(e) => Err(Error::io(format!("set read-only {}", to.display()), e)),
+            Ok(()) if !self.commit_sync => Ok(()),
+            Ok(()) => self
+                .syncs
+                .sync(|| ioctl::sync_fs(fd.as_fd()).map_err(std::io::Error::from))
+                .context(|| format!("syncfs {}", to.display())),
+        };
+        // A transaction committed after the last write (the flag's, or the
+        // sync's if there was data): the quota figures are up to date.
+        match done.and_then(|()| self.measure(obj, fd.as_fd())) {
+            Ok(usage) => Ok(usage),
+            Err(e) => {
+                self.undo_commit(obj.id, fd.as_fd(), sealed.is_ok());
+                Err(e)
+            }
+        }
     }
 
     fn reconcile(&self, found: &FoundObject, kind: Kind) -> Result<()> {
@@ -318,6 +354,13 @@ impl Backend for BtrfsBackend {
                 e,
             )),
         }
+    }
+
+    fn destroy_in_background(&self) -> bool {
+        // Remove succeeds whatever the delete does (a failure leaves an
+        // orphan for Cleanup), and btrfs reclaims a deleted subvolume's
+        // space in the background anyway.
+        true
     }
 
     fn usage(&self, obj: &ObjectRef, kind: Kind) -> Result<Usage> {
