@@ -28,8 +28,10 @@
 //! covers every mutation that committed before it. A mutation that finds no
 //! other writer and no round running commits durably itself (the round is
 //! its own commit), so a lone client pays one fsync per mutation, as
-//! before. Why this keeps the crash protocol sound is in docs/design.md
-//! ("Group commit of the metadata").
+//! before. Waiting mutations leave the round to the writers still in
+//! flight, so that the writers queued behind one fsync share the next. Why
+//! this keeps the crash protocol sound is in docs/design.md ("Group commit
+//! of the metadata").
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -191,19 +193,24 @@ impl FlushFailure {
     }
 }
 
-/// Counts a mutation in [`MetaStore::writers`] while it lives.
-struct Writing<'a>(&'a AtomicUsize);
+/// Counts a mutation in [`MetaStore::writers`] until its commit is done
+/// (or failed).
+struct Writing<'a>(&'a MetaStore);
 
 impl<'a> Writing<'a> {
-    fn enter(n: &'a AtomicUsize) -> Self {
-        n.fetch_add(1, Ordering::SeqCst);
-        Writing(n)
+    fn enter(store: &'a MetaStore) -> Self {
+        store.writers.fetch_add(1, Ordering::SeqCst);
+        Writing(store)
     }
 }
 
 impl Drop for Writing<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        if self.0.writers.fetch_sub(1, Ordering::SeqCst) == 1 {
+            // The last writer in flight is gone: a waiting mutation may now
+            // have to run the round itself.
+            self.0.flushes.nudge();
+        }
     }
 }
 
@@ -281,7 +288,7 @@ impl MetaStore {
         what: &str,
         change: impl FnOnce(&WriteTransaction) -> Result<T>,
     ) -> Result<T> {
-        let writing = Writing::enter(&self.writers);
+        let writing = Writing::enter(self);
         let (out, ticket, generation, flushed) = self.with_db(|db| {
             let mut txn = db
                 .begin_write()
@@ -321,7 +328,15 @@ impl MetaStore {
         drop(writing);
         let flushed = match flushed {
             Some(result) => result,
-            None => self.flushes.wait(ticket, || self.flush_round()),
+            // A writer still in flight commits after this one: its durable
+            // commit, or the round it waits for, covers this one too. Leave
+            // the round to the last writer, so that writers queued behind
+            // one fsync share the next.
+            None => self.flushes.wait_for_leader(
+                ticket,
+                || self.writers.load(Ordering::SeqCst) == 0,
+                || self.flush_round(),
+            ),
         };
         let flushed = flushed.map_err(FlushFailure::into_error)?;
         if flushed != generation {

@@ -14,6 +14,11 @@
 
 use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+/// How long [`Rounds::wait_for_leader`] leaves a round to others before
+/// leading one itself, by default.
+const PATIENCE: Duration = Duration::from_millis(50);
 
 /// How many finished rounds are remembered for callers still waking up. A
 /// caller whose round was forgotten waits for a new one (never wrong: a
@@ -50,6 +55,7 @@ struct State<T, E> {
 pub struct Rounds<T, E> {
     state: Mutex<State<T, E>>,
     finished: Condvar,
+    patience: Duration,
 }
 
 impl<T: Clone, E: Clone> Default for Rounds<T, E> {
@@ -63,11 +69,21 @@ impl<T: Clone, E: Clone> Default for Rounds<T, E> {
                 rounds: 0,
             }),
             finished: Condvar::new(),
+            patience: PATIENCE,
         }
     }
 }
 
 impl<T: Clone, E: Clone> Rounds<T, E> {
+    /// Rounds whose [`Self::wait_for_leader`] leaves a round to others for
+    /// `patience` at most (50 ms by default).
+    pub fn with_patience(patience: Duration) -> Self {
+        Rounds {
+            patience,
+            ..Self::default()
+        }
+    }
+
     /// Takes a ticket: every round that starts after this call covers it.
     /// Never blocks for long (one mutex), so it may be called while holding
     /// something a round needs, such as a write transaction the round must
@@ -88,6 +104,21 @@ impl<T: Clone, E: Clone> Rounds<T, E> {
     /// issued: one running or finished meanwhile, or one this caller runs
     /// with `round`.
     pub fn wait(&self, ticket: Ticket, round: impl FnOnce() -> Result<T, E>) -> Result<T, E> {
+        self.wait_for_leader(ticket, || true, round)
+    }
+
+    /// Like [`Self::wait`], but leads a round only when `may_lead` says so
+    /// (checked under the rounds' lock), leaving the round to someone else
+    /// meanwhile, e.g. to a writer still in flight whose own commit will
+    /// cover this ticket. Whoever makes `may_lead` true must call
+    /// [`Self::nudge`]. After its patience without progress it leads
+    /// anyway, so a wrong `may_lead` costs a round, never a stall.
+    pub fn wait_for_leader(
+        &self,
+        ticket: Ticket,
+        may_lead: impl Fn() -> bool,
+        round: impl FnOnce() -> Result<T, E>,
+    ) -> Result<T, E> {
         let mut ticket = ticket.0;
         let mut st = self.lock();
         loop {
@@ -106,12 +137,28 @@ impl<T: Clone, E: Clone> Rounds<T, E> {
                 ticket = st.issued;
                 continue;
             }
-            if !st.running {
+            if !st.running && may_lead() {
                 break;
             }
-            st = self.finished.wait(st).unwrap_or_else(|p| p.into_inner());
+            let (next, waited) = self
+                .finished
+                .wait_timeout(st, self.patience)
+                .unwrap_or_else(|p| p.into_inner());
+            st = next;
+            if waited.timed_out() && !st.running && st.done < ticket {
+                break;
+            }
         }
         self.lead(st, round)
+    }
+
+    /// Wakes the waiters of [`Self::wait_for_leader`] to check `may_lead`
+    /// again.
+    pub fn nudge(&self) {
+        // Under the lock: a waiter checks `may_lead` and starts waiting
+        // without releasing it, so it cannot miss this.
+        let _st = self.lock();
+        self.finished.notify_all();
     }
 
     /// Runs `round` now, as the round covering every ticket issued so far,
@@ -264,6 +311,40 @@ mod tests {
         release_tx.send(()).unwrap();
         assert_eq!(leader.join().unwrap(), Ok(7));
         assert_eq!(r.rounds(), 2);
+    }
+
+    #[test]
+    fn a_waiter_leaves_the_round_to_a_writer_in_flight_until_nudged() {
+        let r: Arc<Rounds<u64, ()>> = Arc::new(Rounds::with_patience(Duration::from_secs(60)));
+        let others_in_flight = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let t = r.ticket();
+        let (r2, flag) = (r.clone(), others_in_flight.clone());
+        let waiter = std::thread::spawn(move || {
+            r2.wait_for_leader(t, || !flag.load(Ordering::SeqCst), || Ok(1))
+        });
+        std::thread::sleep(Duration::from_millis(20));
+        // The writer in flight commits as a round covering the ticket.
+        let _its_own = r.ticket();
+        assert_eq!(r.lead_if_idle(|| Ok(2)), Some(Ok(2)));
+        assert_eq!(waiter.join().unwrap(), Ok(2));
+        // Nobody left in flight: a nudged waiter leads.
+        let t = r.ticket();
+        let (r2, flag) = (r.clone(), others_in_flight.clone());
+        let waiter = std::thread::spawn(move || {
+            r2.wait_for_leader(t, || !flag.load(Ordering::SeqCst), || Ok(3))
+        });
+        std::thread::sleep(Duration::from_millis(10));
+        others_in_flight.store(false, Ordering::SeqCst);
+        r.nudge();
+        assert_eq!(waiter.join().unwrap(), Ok(3));
+        assert_eq!(r.rounds(), 2);
+    }
+
+    #[test]
+    fn a_waiter_leads_after_its_patience_even_if_told_not_to() {
+        let r: Rounds<u64, ()> = Rounds::default();
+        let t = r.ticket();
+        assert_eq!(r.wait_for_leader(t, || false, || Ok(4)), Ok(4));
     }
 
     #[test]
