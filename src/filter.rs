@@ -1018,18 +1018,79 @@ mod tests {
         assert!(err.message.contains("regular expressions"), "{err}");
     }
 
+    /// The fastest of three runs of `f`: the slower ones measure the
+    /// machine's other work.
+    fn fastest(mut f: impl FnMut()) -> std::time::Duration {
+        (0..3)
+            .map(|_| {
+                let start = std::time::Instant::now();
+                f();
+                start.elapsed()
+            })
+            .min()
+            .unwrap_or_default()
+    }
+
+    /// Asserts that `work(n)` takes time linear in `n`: eight times the
+    /// input may take at most 32 times as long (quadratic work takes 64
+    /// times, backtracking forever). Two timings on the same machine, so
+    /// the check does not depend on its speed (emulated guests included).
+    fn assert_linear(what: &str, n: usize, work: impl Fn(usize)) {
+        let small = fastest(|| work(n));
+        let large = fastest(|| work(8 * n));
+        assert!(
+            large <= small * 32,
+            "{what}: {small:?} for {n}, {large:?} for {}: not linear",
+            8 * n
+        );
+    }
+
     #[test]
     fn pathological_regex_is_bounded() {
-        let start = std::time::Instant::now();
-        for pattern in [r"(a{1000}){1000}", r"\w{1000}{1000}", r"((((a*)*)*)*)*b"] {
+        // Huge programs are refused by the size cap (and then never match)
+        // instead of being built...
+        for pattern in [r"(a{1000}){1000}", r"\w{1000}{1000}", r"a{100000}"] {
+            assert!(compile_regex(pattern).is_none(), "{pattern} compiled");
             let set = FilterSet::parse(&[format!("x~={pattern}")]).unwrap();
             assert!(!set.matches(&Fixed(&"a".repeat(100_000))), "{pattern}");
         }
-        let deep = format!("x~={}a{}", "(".repeat(10_000), ")".repeat(10_000));
-        assert!(!FilterSet::parse(&[deep]).unwrap().matches(&Fixed("a")));
-        let colons = format!("x~=[{}", "[:".repeat(200_000));
-        assert!(!FilterSet::parse(&[colons]).unwrap().matches(&Fixed("[")));
-        assert!(start.elapsed() < std::time::Duration::from_secs(10));
+        // ...by our cap, not only the regex crate's own (ten times larger).
+        let big = r"a{100000}";
+        assert!(
+            RegexBuilder::new(big)
+                .size_limit(10 * REGEX_SIZE_LIMIT)
+                .build()
+                .is_ok()
+        );
+        // So is nesting too deep.
+        let deep = format!("{}a{}", "(".repeat(10_000), ")".repeat(10_000));
+        assert!(compile_regex(&deep).is_none());
+        assert!(
+            !FilterSet::parse(&[format!("x~={deep}")])
+                .unwrap()
+                .matches(&Fixed("a"))
+        );
+        // Nested stars compile, and match in time linear in the input.
+        let nested = FilterSet::parse(&[r"x~=((((a*)*)*)*)*b"]).unwrap();
+        let input = "a".repeat(8 << 17);
+        assert_linear("nested stars", 1 << 17, |n| {
+            assert!(!nested.matches(&Fixed(&input[..n])));
+        });
+        // An unterminated class full of "[:" (each could open a named
+        // class) is rewritten and refused about as fast as one of plain
+        // letters of the same length: no rescan for ":]" at every "[:"
+        // (quadratic: 40 times as long at this length).
+        let colons = format!("x~=[{}", "[:".repeat(50_000));
+        let letters = format!("x~=[{}", "ab".repeat(50_000));
+        let refuse = |filter: &str| {
+            let set = FilterSet::parse(&[filter]).unwrap();
+            assert!(!set.matches(&Fixed("[")));
+        };
+        let (hostile, plain) = (fastest(|| refuse(&colons)), fastest(|| refuse(&letters)));
+        assert!(
+            hostile <= plain * 10,
+            "[: class: {hostile:?}, letters: {plain:?}"
+        );
     }
 
     #[test]
