@@ -214,6 +214,9 @@ impl Snapshotter {
                 warn!(id = %id, error = %d, "could not destroy the object of a failed create; left for cleanup");
             }
             self.creating_done(id);
+            if let Some(p) = &parent_record {
+                self.destroy_if_removed(p);
+            }
             return Err(e);
         }
         self.creating_done(id);
@@ -388,6 +391,25 @@ impl Snapshotter {
         failpoint::hit("commit.after_meta")?;
         debug!(key = %truncate_for_message(key), name = %truncate_for_message(name), id = %record.id, "committed");
         Ok(())
+    }
+
+    /// After a create whose metadata step failed: if `parent` was removed
+    /// meanwhile, destroys its object, which the clone of the failed create
+    /// may have kept alive (ZFS refuses to destroy a dataset whose snapshot
+    /// has clones, so the Remove that won the race left it for Cleanup). An
+    /// object without a record is an orphan, and its id is never reused; a
+    /// clone of another create still blocks it, and that create (or Cleanup)
+    /// comes back here. Already gone (btrfs, or no clone): a no-op.
+    fn destroy_if_removed(&self, parent: &Record) {
+        match self.meta.key_of(parent.id) {
+            Ok(None) => {
+                if let Err(e) = self.backend.destroy(parent.id, parent.object.native) {
+                    debug!(id = %parent.id, error = %e, "removed parent's object still busy; left for cleanup");
+                }
+            }
+            Ok(Some(_)) => {}
+            Err(e) => debug!(id = %parent.id, error = %e, "could not look up the parent's record"),
+        }
     }
 
     /// Removes snapshot `key`. Fails with FailedPrecondition when it has

@@ -19,8 +19,12 @@ use tokio::sync::Barrier;
 use tonic::Code;
 use tonic::transport::Channel;
 
-/// Generous bound on each scenario: hitting it means a deadlock.
-const DEADLOCK: Duration = Duration::from_secs(120);
+/// Generous bound on each scenario: hitting it means a deadlock. ZFS
+/// under emulation (hack/vm-test) takes tenths of a second per object
+/// operation, where btrfs takes milliseconds.
+fn deadlock() -> Duration {
+    Duration::from_secs(if backend_is_zfs() { 600 } else { 120 })
+}
 
 /// Outcome counts of one scenario, printed at the end.
 #[derive(Default)]
@@ -91,11 +95,12 @@ async fn distinct_keys_in_parallel_all_succeed() {
     let mut c = d.client().await;
     base(&mut c).await;
     let tally = Arc::new(Tally::default());
+    let (n_clients, rounds) = (scaled(16, 4), scaled(3, 2));
     let mut tasks = Vec::new();
-    for (i, mut c) in clients(&d, 16).await.into_iter().enumerate() {
+    for (i, mut c) in clients(&d, n_clients).await.into_iter().enumerate() {
         let tally = tally.clone();
         tasks.push(tokio::spawn(async move {
-            for round in 0..3 {
+            for round in 0..rounds {
                 let key = format!("k{i}-{round}");
                 let name = format!("layer{i}-{round}");
                 let dir = mount_dir(&prepare(&mut c, &key, "base").await.unwrap());
@@ -111,7 +116,7 @@ async fn distinct_keys_in_parallel_all_succeed() {
                 r.unwrap();
                 prepare(&mut c, &format!("child{i}"), &name).await.unwrap();
                 remove(&mut c, &format!("child{i}")).await.unwrap();
-                if round < 2 {
+                if round + 1 < rounds {
                     let r = remove(&mut c, &name).await;
                     tally.add("remove", &r);
                     r.unwrap();
@@ -119,15 +124,20 @@ async fn distinct_keys_in_parallel_all_succeed() {
             }
         }));
     }
-    tokio::time::timeout(DEADLOCK, async {
+    tokio::time::timeout(deadlock(), async {
         for t in tasks {
             t.await.unwrap();
         }
     })
     .await
     .expect("deadlock");
-    tally.print("distinct keys (16 clients x 3 rounds)");
-    assert_eq!(list(&mut c, &["kind==committed"]).await.unwrap().len(), 17);
+    tally.print(&format!(
+        "distinct keys ({n_clients} clients x {rounds} rounds)"
+    ));
+    assert_eq!(
+        list(&mut c, &["kind==committed"]).await.unwrap().len(),
+        n_clients + 1
+    );
     drop(c);
     stop_and_check(d).await;
 }
@@ -139,7 +149,8 @@ async fn contested_key_has_exactly_one_winner() {
     base(&mut c).await;
     let tally = Arc::new(Tally::default());
     let cs = clients(&d, 12).await;
-    for round in 0..10 {
+    let rounds = scaled(10, 3);
+    for round in 0..rounds {
         let key = format!("same-{round}");
         let barrier = Arc::new(Barrier::new(cs.len()));
         let mut tasks = Vec::new();
@@ -161,7 +172,7 @@ async fn contested_key_has_exactly_one_winner() {
         }
         let mut wins = 0;
         for t in tasks {
-            match tokio::time::timeout(DEADLOCK, t)
+            match tokio::time::timeout(deadlock(), t)
                 .await
                 .expect("deadlock")
                 .unwrap()
@@ -172,8 +183,8 @@ async fn contested_key_has_exactly_one_winner() {
         }
         assert_eq!(wins, 1, "round {round}");
     }
-    tally.print("contested key (12 clients x 10 keys)");
-    assert_eq!(list(&mut c, &[]).await.unwrap().len(), 11);
+    tally.print(&format!("contested key (12 clients x {rounds} keys)"));
+    assert_eq!(list(&mut c, &[]).await.unwrap().len(), rounds + 1);
     drop(c);
     stop_and_check(d).await;
 }
@@ -185,7 +196,8 @@ async fn contested_commit_name_has_exactly_one_winner() {
     base(&mut c).await;
     let tally = Arc::new(Tally::default());
     let cs = clients(&d, 8).await;
-    for round in 0..6 {
+    let rounds = scaled(6, 2);
+    for round in 0..rounds {
         let name = format!("layer-{round}");
         for i in 0..cs.len() {
             let dir = mount_dir(
@@ -210,7 +222,7 @@ async fn contested_commit_name_has_exactly_one_winner() {
         }
         let mut winner = None;
         for t in tasks {
-            let (i, r) = tokio::time::timeout(DEADLOCK, t)
+            let (i, r) = tokio::time::timeout(deadlock(), t)
                 .await
                 .expect("deadlock")
                 .unwrap();
@@ -240,7 +252,9 @@ async fn contested_commit_name_has_exactly_one_winner() {
             remove(&mut c, &key).await.unwrap();
         }
     }
-    tally.print("contested commit name (8 clients x 6 names)");
+    tally.print(&format!(
+        "contested commit name (8 clients x {rounds} names)"
+    ));
     drop(c);
     stop_and_check(d).await;
 }
@@ -253,13 +267,14 @@ async fn remove_racing_commit_of_the_same_key_is_one_or_the_other() {
     let tally = Arc::new(Tally::default());
     let (mut c1, mut c2) = (d.client().await, d.client().await);
     let (mut commit_won, mut remove_won) = (0, 0);
-    for round in 0..30 {
+    let rounds = scaled(30, 6);
+    for round in 0..rounds {
         let key = format!("k{round}");
         let name = format!("n{round}");
         let dir = mount_dir(&prepare(&mut c, &key, "base").await.unwrap());
         write_pattern(&dir.join("own"), 4096, round as u8);
         let (rc, rr) = tokio::time::timeout(
-            DEADLOCK,
+            deadlock(),
             futures_join(commit(&mut c1, &name, &key), remove(&mut c2, &key)),
         )
         .await
@@ -291,7 +306,7 @@ async fn remove_racing_commit_of_the_same_key_is_one_or_the_other() {
         assert_eq!(stat(&mut c, &key).await.unwrap_err().code(), Code::NotFound);
     }
     tally.print(&format!(
-        "remove racing commit (30 rounds: commit won {commit_won}, remove won {remove_won})"
+        "remove racing commit ({rounds} rounds: commit won {commit_won}, remove won {remove_won})"
     ));
     drop((c, c1, c2));
     stop_and_check(d).await;
@@ -304,14 +319,18 @@ async fn remove_of_a_parent_racing_prepare_of_a_child_never_orphans_the_child() 
     let tally = Arc::new(Tally::default());
     let (mut c1, mut c2, mut c3) = (d.client().await, d.client().await, d.client().await);
     let (mut child_won, mut remove_won) = (0, 0);
-    for round in 0..30 {
+    let rounds = scaled(30, 6);
+    // The Remove starts 0 to 5 steps late: a step is about the time to make
+    // a snapshot's object, so that either side can win.
+    let step = Duration::from_millis(if backend_is_zfs() { 250 } else { 8 });
+    for round in 0..rounds {
         let parent = format!("p{round}");
         prepare(&mut c, &format!("px{round}"), "").await.unwrap();
         commit(&mut c, &parent, &format!("px{round}"))
             .await
             .unwrap();
         let (child, vkey) = (format!("child{round}"), format!("view{round}"));
-        let (rp, rv, rr) = tokio::time::timeout(DEADLOCK, async {
+        let (rp, rv, rr) = tokio::time::timeout(deadlock(), async {
             tokio::join!(
                 prepare(&mut c1, &child, &parent),
                 view(&mut c3, &vkey, &parent),
@@ -319,7 +338,7 @@ async fn remove_of_a_parent_racing_prepare_of_a_child_never_orphans_the_child() 
                     // Vary who gets there first: with no delay the Remove
                     // wins while the child's subvolume is being made, and
                     // the child's metadata step must notice.
-                    tokio::time::sleep(Duration::from_millis(round % 6 * 8)).await;
+                    tokio::time::sleep(step * (round % 6) as u32).await;
                     remove(&mut c2, &parent).await
                 }
             )
@@ -355,7 +374,7 @@ async fn remove_of_a_parent_racing_prepare_of_a_child_never_orphans_the_child() 
         }
     }
     tally.print(&format!(
-        "remove parent racing prepare/view child (30 rounds: child won {child_won}, remove won {remove_won})"
+        "remove parent racing prepare/view child ({rounds} rounds: child won {child_won}, remove won {remove_won})"
     ));
     assert!(list(&mut c, &[]).await.unwrap().is_empty());
     drop((c, c1, c2, c3));
@@ -367,8 +386,9 @@ async fn list_consumers_that_stat_and_mutate_do_not_deadlock() {
     let d = Daemon::start().await;
     let mut c = d.client().await;
     base(&mut c).await;
-    // More than three List batches (100 each).
-    for i in 0..320 {
+    // More than three List batches (100 each); at least two when scaled.
+    let views = scaled(320, 100);
+    for i in 0..views {
         view(&mut c, &format!("v{i:03}"), "base").await.unwrap();
     }
     let tally = Arc::new(Tally::default());
@@ -408,17 +428,20 @@ async fn list_consumers_that_stat_and_mutate_do_not_deadlock() {
                     }
                 }
             }
-            assert!(seen >= 321, "walker {w} saw {seen}");
+            assert!(seen > views, "walker {w} saw {seen}");
         }));
     }
-    tokio::time::timeout(DEADLOCK, async {
+    tokio::time::timeout(deadlock(), async {
         for t in tasks {
             t.await.unwrap();
         }
     })
     .await
     .expect("deadlock: a List consumer calling back into the daemon");
-    tally.print("list consumers that stat and mutate (4 walkers x 321 snapshots)");
+    tally.print(&format!(
+        "list consumers that stat and mutate (4 walkers x {} snapshots)",
+        views + 1
+    ));
     drop(c);
     stop_and_check(d).await;
 }
@@ -431,6 +454,7 @@ async fn random_storm_on_shared_keys_has_only_documented_errors() {
     let mut c = d.client().await;
     base(&mut c).await;
     let tally = Arc::new(Tally::default());
+    let calls = scaled(60, 10);
     let mut tasks = Vec::new();
     for (w, mut c) in clients(&d, 16).await.into_iter().enumerate() {
         let tally = tally.clone();
@@ -442,7 +466,7 @@ async fn random_storm_on_shared_keys_has_only_documented_errors() {
                 x ^= x << 17;
                 x % n
             };
-            for _ in 0..60 {
+            for _ in 0..calls {
                 let key = format!("k{}", next(6));
                 let name = format!("n{}", next(4));
                 let parent = match next(3) {
@@ -492,14 +516,16 @@ async fn random_storm_on_shared_keys_has_only_documented_errors() {
             }
         }));
     }
-    tokio::time::timeout(DEADLOCK, async {
+    tokio::time::timeout(deadlock(), async {
         for t in tasks {
             t.await.unwrap();
         }
     })
     .await
     .expect("deadlock");
-    tally.print("random storm (16 clients x 60 calls on 6 keys, 4 names)");
+    tally.print(&format!(
+        "random storm (16 clients x {calls} calls on 6 keys, 4 names)"
+    ));
     cleanup(&mut c).await.unwrap();
     drop(c);
     stop_and_check(d).await;

@@ -1,7 +1,7 @@
 //! Damaged state: a corrupted, truncated, emptied or missing metadata
 //! database, a missing root, a root on the wrong filesystem, subvolumes
-//! deleted behind cowsnap's back, quota accounting switched off or
-//! inconsistent. Each is detected and reported (at startup or when the
+//! deleted behind cowsnap's back (datasets destroyed, on ZFS), quota
+//! accounting switched off or inconsistent (btrfs). Each is detected and reported (at startup or when the
 //! snapshot is used), and never "fixed" by destroying snapshot data: a
 //! daemon that cannot trust its metadata refuses to start and leaves the
 //! metadata file and every subvolume as they were.
@@ -15,10 +15,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use cowsnap::backend::Backend;
-use cowsnap::backend::btrfs::BtrfsBackend;
 use cowsnap::backend::btrfs::testutil::LoopBtrfs;
-use cowsnap::config::QuotaSetting;
 use cowsnap::proto::containerd::services::snapshots::v1 as pb;
 use tonic::Code;
 
@@ -47,8 +44,8 @@ fn metadata_path(d: &Daemon) -> PathBuf {
 
 /// The snapshot objects on disk (read without the metadata).
 fn object_ids(d: &Daemon) -> Vec<u64> {
-    let backend = BtrfsBackend::open(&d.root, QuotaSetting::Auto).expect("backend");
-    let mut ids: Vec<u64> = backend
+    let mut ids: Vec<u64> = d
+        .backend()
         .scan()
         .expect("scan")
         .iter()
@@ -182,6 +179,27 @@ async fn missing_root_starts_empty_and_leaves_the_moved_data_alone() {
     let mut d = seeded().await;
     let moved = d.fs.path().join("root.moved");
     std::fs::rename(&d.root, &moved).unwrap();
+    if backend_is_zfs() {
+        // On ZFS the snapshots are not in the root but in the datasets,
+        // which are still there: with the root gone the metadata is gone,
+        // and the daemon refuses to start as for a deleted metadata file.
+        let (status, log) = d.spawn_expect_exit();
+        assert!(!status.success(), "refused with a failure status");
+        assert!(
+            log.contains("missing or empty") && log.contains("3 snapshot objects"),
+            "{log}"
+        );
+        assert_eq!(object_ids(&d), vec![1, 2, 3], "no dataset destroyed");
+        if d.root.exists() {
+            std::fs::remove_dir_all(&d.root).unwrap();
+        }
+        std::fs::rename(&moved, &d.root).unwrap();
+        d.spawn().await;
+        assert_seeded_intact(&d).await;
+        assert!(d.stop());
+        assert!(d.inventory().is_clean());
+        return;
+    }
     d.spawn().await;
     assert!(d.log_text().contains("created root directory"));
     let mut c = d.client().await;
@@ -265,7 +283,7 @@ fn serve_expecting_refusal(root: &Path, socket: &Path, config: &str) -> String {
         if Instant::now() > deadline || socket.exists() {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("the daemon served on a root that is not on btrfs");
+            panic!("the daemon served with a root or dataset it should refuse");
         }
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -273,6 +291,10 @@ fn serve_expecting_refusal(root: &Path, socket: &Path, config: &str) -> String {
 
 #[test]
 fn root_on_the_wrong_filesystem_is_refused_when_the_embedded_image_is_off() {
+    // ZFS: see zfs_dataset_that_cannot_be_used_is_refused.
+    if skip_on_zfs("the btrfs backend's check of its root's filesystem") {
+        return;
+    }
     let t = Tmpfs::new();
     let root = t.0.join("root");
     let err = serve_expecting_refusal(&root, &t.0.join("sock"), "[embedded]\nenabled = false\n");
@@ -285,6 +307,9 @@ fn root_on_the_wrong_filesystem_with_content_is_not_hidden_under_an_image() {
     // E.g. the btrfs that held the root is not mounted, and its mount
     // point holds something else: cowsnap must not mount a new image over
     // it and start empty.
+    if skip_on_zfs("the btrfs backend's embedded image over a non-btrfs root") {
+        return;
+    }
     let t = Tmpfs::new();
     let root = t.0.join("root");
     std::fs::create_dir(&root).unwrap();
@@ -301,19 +326,38 @@ fn root_on_the_wrong_filesystem_with_content_is_not_hidden_under_an_image() {
     );
 }
 
-fn delete_subvolume(path: &Path) {
-    let st = Command::new("btrfs")
-        .args(["-q", "subvolume", "delete"])
-        .arg(path)
-        .status()
-        .unwrap();
-    assert!(st.success(), "btrfs subvolume delete {}", path.display());
+#[test]
+fn zfs_dataset_that_cannot_be_used_is_refused() {
+    // The ZFS counterpart of a root on the wrong filesystem: the
+    // configured parent dataset is in no pool, or is no valid name.
+    if !backend_is_zfs() {
+        say_skipped("on btrfs: the zfs backend's check of its dataset");
+        return;
+    }
+    let t = Tmpfs::new();
+    let root = t.0.join("root");
+    let config = "backend = \"zfs\"\n[zfs]\ndataset = \"nosuchpool-cowsnap/x\"\n";
+    let err = serve_expecting_refusal(&root, &t.0.join("sock"), config);
+    assert!(err.contains("cannot be created"), "{err}");
+    assert!(
+        err.contains("nosuchpool-cowsnap/x"),
+        "names the dataset: {err}"
+    );
+    let config = "backend = \"zfs\"\n[zfs]\ndataset = \"a b/c\"\n";
+    let err = serve_expecting_refusal(&root, &t.0.join("sock"), config);
+    assert!(
+        err.contains("zfs.dataset") && err.contains("a b/c"),
+        "names the setting: {err}"
+    );
 }
 
 #[tokio::test]
 async fn committed_subvolume_deleted_behind_the_back_is_reported_and_stays_removable() {
     let mut d = seeded().await;
-    delete_subvolume(&d.root.join("committed/1"));
+    // ZFS refuses to destroy a dataset whose snapshot has clones: the
+    // operator's `zfs destroy -R` takes its children (work, v) with it.
+    let zfs = backend_is_zfs();
+    d.destroy_object("committed", 1, zfs);
     d.spawn().await;
     let log = d.log_text();
     assert!(
@@ -327,19 +371,29 @@ async fn committed_subvolume_deleted_behind_the_back_is_reported_and_stays_remov
         stat(&mut c, "base").await.unwrap().kind,
         pb::Kind::Committed as i32
     );
-    // Its children made before the loss are whole snapshots of their own.
-    let w = mount_dir(
-        &c.mounts(pb::MountsRequest {
-            snapshotter: String::new(),
-            key: "work".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .mounts,
-    );
-    assert!(has_pattern(&w.join("w"), WORK_LEN, 2));
-    assert!(has_pattern(&w.join("f"), BASE_LEN, 1));
+    if zfs {
+        assert!(
+            log.contains("records_dropped: [\"v\", \"work\"]"),
+            "the children destroyed with it are dropped:\n{log}"
+        );
+        for key in ["work", "v"] {
+            assert_eq!(stat(&mut c, key).await.unwrap_err().code(), Code::NotFound);
+        }
+    } else {
+        // Its children made before the loss are whole snapshots of their own.
+        let w = mount_dir(
+            &c.mounts(pb::MountsRequest {
+                snapshotter: String::new(),
+                key: "work".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .mounts,
+        );
+        assert!(has_pattern(&w.join("w"), WORK_LEN, 2));
+        assert!(has_pattern(&w.join("f"), BASE_LEN, 1));
+    }
     // A new child cannot be made; the error names what is missing.
     let e = prepare(&mut c, "new", "base").await.unwrap_err();
     assert!(e.message().contains("committed/1"), "{e}");
@@ -349,8 +403,10 @@ async fn committed_subvolume_deleted_behind_the_back_is_reported_and_stays_remov
         Code::NotFound
     );
     // containerd's garbage collector can still remove it all.
-    remove(&mut c, "work").await.unwrap();
-    remove(&mut c, "v").await.unwrap();
+    if !zfs {
+        remove(&mut c, "work").await.unwrap();
+        remove(&mut c, "v").await.unwrap();
+    }
     remove(&mut c, "base").await.unwrap();
     cleanup(&mut c).await.unwrap();
     drop(c);
@@ -362,7 +418,7 @@ async fn committed_subvolume_deleted_behind_the_back_is_reported_and_stays_remov
 #[tokio::test]
 async fn active_subvolume_deleted_behind_the_back_is_dropped_at_startup_and_logged() {
     let mut d = seeded().await;
-    delete_subvolume(&d.root.join("active/2"));
+    d.destroy_object("active", 2, false);
     d.spawn().await;
     let log = d.log_text();
     assert!(
@@ -389,7 +445,7 @@ async fn subvolume_deleted_while_serving_fails_its_calls_and_removes_cleanly() {
     let mut d = seeded().await;
     d.spawn().await;
     let mut c = d.client().await;
-    delete_subvolume(&d.root.join("active/2"));
+    d.destroy_object("active", 2, false);
     // Calls that need the object fail and say which object is missing.
     let e = usage(&mut c, "work").await.unwrap_err();
     assert!(e.message().contains("active/2"), "{e}");
@@ -427,6 +483,10 @@ async fn subvolume_deleted_while_serving_fails_its_calls_and_removes_cleanly() {
 
 #[tokio::test]
 async fn quota_accounting_found_inconsistent_is_reported_at_startup() {
+    // ZFS keeps its space accounting per dataset, never inconsistent.
+    if skip_on_zfs("btrfs qgroup accounting") {
+        return;
+    }
     // Full qgroups, then a qgroup relation added without a rescan: btrfs
     // flags its accounting inconsistent.
     let fs = LoopBtrfs::new().unwrap();

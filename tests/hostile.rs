@@ -1,8 +1,9 @@
 //! Hostile and malformed input over the real socket: a table of cases, each
 //! with the gRPC code it must get (or, below gRPC, what the connection must
 //! do). Afterwards the daemon must still be running, must not have
-//! panicked, must not have created anything outside its root, and must
-//! serve normally; metadata and filesystem must agree.
+//! panicked, must not have created anything outside its root (on ZFS: no
+//! dataset but its snapshots' under its parent dataset), and must serve
+//! normally; metadata and filesystem must agree.
 //!
 //! Non-UTF-8 strings cannot be built with the generated (string-typed)
 //! messages, so those cases hand-encode the protobuf and send it with a
@@ -146,6 +147,9 @@ struct Ctx {
     ch: Channel,
     socket: PathBuf,
     root: PathBuf,
+    /// Where new active snapshots' objects go: a directory in the root
+    /// (btrfs) or the active area's dataset (ZFS), with a trailing slash.
+    active: String,
 }
 
 impl Ctx {
@@ -379,16 +383,19 @@ fn upd_req(name: &str, l: &[(&str, &str)], paths: &[&str]) -> pb::UpdateSnapshot
     }
 }
 
-/// Prepare `key` with no parent and check its mount is inside the root.
+/// Prepare `key` with no parent and check its mount is an object of the
+/// active area named by its id (whatever the key), and usable.
 async fn prepare_inside_root(mut ctx: Ctx, key: String) -> Got {
     match prepare(&mut ctx.c, &key, "").await {
         Ok(m) => {
-            let dir = mount_dir(&m);
+            let source = &m[0].source;
+            let id = source.strip_prefix(&ctx.active);
             assert!(
-                dir.starts_with(ctx.root.join("active")),
-                "{key:?} -> {}",
-                dir.display()
+                id.is_some_and(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit())),
+                "{key:?} -> {source}"
             );
+            let dir = mount_dir(&m);
+            assert!(dir.is_dir(), "{key:?} -> {}", dir.display());
             assert_eq!(stat(&mut ctx.c, &key).await.unwrap().name, key);
             Got::Grpc(Code::Ok)
         }
@@ -944,6 +951,7 @@ async fn hostile_input_table() {
         ch,
         socket: d.socket.clone(),
         root: d.root.clone(),
+        active: d.area_prefix("active"),
     };
 
     let cases = table();

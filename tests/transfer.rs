@@ -1,8 +1,9 @@
-//! Export and import between real daemons on separate btrfs filesystems:
-//! round trips compared byte for byte (contents, modes, owners, xattrs,
-//! hard links, symlinks, devices, mtimes), chains with deletions, the
-//! btrfs-send fast path (full and incremental), and refusals that leave
-//! nothing behind.
+//! Export and import between real daemons on separate btrfs filesystems
+//! (or separate ZFS datasets, with `COWSNAP_TEST_BACKEND=zfs`): round trips
+//! compared byte for byte (contents, modes, owners, xattrs, hard links,
+//! symlinks, devices, mtimes), chains with deletions, the btrfs-send fast
+//! path (full and incremental; btrfs only: on ZFS its refusal is checked),
+//! and refusals that leave nothing behind.
 
 mod common;
 #[path = "transfer/tree.rs"]
@@ -299,6 +300,11 @@ async fn chain_export_recreates_three_layers_with_deletions() {
 
 #[tokio::test]
 async fn btrfs_send_round_trips_full_incremental_and_chained() {
+    // ZFS: export_refuses_active_snapshots_and_bad_options checks that the
+    // format is refused there.
+    if skip_on_zfs("btrfs send/receive streams") {
+        return;
+    }
     let (d1, d2, d3) = (
         Daemon::start().await,
         Daemon::start().await,
@@ -383,6 +389,17 @@ async fn export_refuses_active_snapshots_and_bad_options() {
         export_bytes(&d, no_parent).await.unwrap_err().code(),
         Code::InvalidArgument
     );
+    if backend_is_zfs() {
+        // The btrfs-send format needs btrfs subvolumes: refused, and the
+        // view the export made is gone.
+        let send = pb::ExportRequest {
+            format: pb::ArchiveFormat::BtrfsSend as i32,
+            ..request("base")
+        };
+        let e = export_bytes(&d, send).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unimplemented, "{e:?}");
+        assert!(e.message().contains("btrfs"), "{}", e.message());
+    }
     assert_clean(&d).await;
 }
 
@@ -417,37 +434,46 @@ async fn damaged_archives_are_refused_and_leave_nothing_behind() {
     )
     .await
     .unwrap();
-    let send = export_bytes(
-        &d1,
-        pb::ExportRequest {
-            chain: true,
-            format: pb::ArchiveFormat::BtrfsSend as i32,
-            ..request("l3")
-        },
-    )
-    .await
-    .unwrap();
+    // btrfs-send streams exist on btrfs only.
+    let send = if backend_is_zfs() {
+        say_skipped("on zfs: the damaged btrfs-send cases");
+        None
+    } else {
+        let bytes = export_bytes(
+            &d1,
+            pb::ExportRequest {
+                chain: true,
+                format: pb::ArchiveFormat::BtrfsSend as i32,
+                ..request("l3")
+            },
+        )
+        .await
+        .unwrap();
+        Some(bytes)
+    };
     let mut garbage = vec![0x28, 0xb5, 0x2f, 0xfd];
     garbage.extend(tree::pattern(100_000, 7));
     let not_tar = zstd::encode_all(&tree::pattern(100_000, 8)[..], 3).unwrap();
     let mut flipped = tar.clone();
     let mid = flipped.len() / 2;
     flipped[mid] ^= 0xff;
-    let cases: Vec<(&str, Vec<u8>)> = vec![
+    let mut cases: Vec<(&str, Vec<u8>)> = vec![
         ("tar cut at 10%", tar[..tar.len() / 10].to_vec()),
         ("tar cut at 60%", tar[..tar.len() * 6 / 10].to_vec()),
         ("tar cut before its end", tar[..tar.len() - 20].to_vec()),
         ("tar with a flipped byte", flipped),
-        ("btrfs-send cut at 50%", send[..send.len() / 2].to_vec()),
-        (
-            "btrfs-send cut at 95%",
-            send[..send.len() * 95 / 100].to_vec(),
-        ),
         ("garbage after a zstd magic", garbage),
         ("zstd data that is no tar", not_tar),
         ("plain text", b"hello, this is not an archive".to_vec()),
         ("empty", Vec::new()),
     ];
+    if let Some(send) = &send {
+        cases.push(("btrfs-send cut at 50%", send[..send.len() / 2].to_vec()));
+        cases.push((
+            "btrfs-send cut at 95%",
+            send[..send.len() * 95 / 100].to_vec(),
+        ));
+    }
     let before = keys(&d2).await;
     for (what, bytes) in cases {
         let e = import_bytes(&d2, bytes, None).await.unwrap_err();
@@ -474,11 +500,15 @@ async fn a_client_that_goes_away_mid_export_leaves_no_view() {
     assert!(stream.message().await.unwrap().is_some());
     drop(stream);
     drop(a);
-    let deadline = Instant::now() + Duration::from_secs(20);
+    // Until the export call has ended: its view's record goes before its
+    // object is destroyed, which takes a second or more on ZFS under
+    // emulation (the check would see an orphan in between).
+    let deadline = Instant::now() + Duration::from_secs(60);
     while keys(&d)
         .await
         .iter()
         .any(|k| k.starts_with("cowsnap.export/"))
+        || !d.log_text().contains("\"admin.export\"")
     {
         assert!(
             Instant::now() < deadline,

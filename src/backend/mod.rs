@@ -160,6 +160,12 @@ pub trait Backend: Send + Sync {
         format!("{kind}/{}", obj.id)
     }
 
+    /// Whether objects are btrfs subvolumes, which export can send and
+    /// import receive as `btrfs send` streams (the btrfs-send format).
+    fn btrfs_send(&self) -> bool {
+        false
+    }
+
     /// Takes over, as the committed object of snapshot `id`, an object that
     /// a native receive (`btrfs receive`) made at `staged`: a path (or a
     /// dataset name) on the backend's filesystem, outside its areas. Moves

@@ -92,6 +92,14 @@ pub fn begin_export<'c>(core: &'c Snapshotter, opts: ExportOptions) -> Result<Ex
         }
         _ => None,
     };
+    // After the checks of the request itself.
+    if opts.format == Format::BtrfsSend && !core.backend.btrfs_send() {
+        return Err(Error::Unimplemented(format!(
+            "the btrfs-send format needs the btrfs backend, and this daemon runs on {}: \
+             export as tar",
+            core.backend.describe()
+        )));
+    }
     let mut layers = vec![(key, record)];
     if opts.chain {
         while let Some(p) = layers[0].1.parent.clone() {

@@ -229,6 +229,13 @@ impl Job<'_> {
     fn start_layer(&mut self, n: usize) -> Result<()> {
         let layer = self.layer(n);
         self.current = Some(match layer.content {
+            Content::BtrfsSend if !self.core.backend.btrfs_send() => {
+                return Err(Error::Unimplemented(format!(
+                    "layer {n} is a btrfs-send stream, which needs the btrfs backend, and this \
+                     daemon runs on {}: export it as tar",
+                    self.core.backend.describe()
+                )));
+            }
             Content::BtrfsSend => Current::Native {
                 n,
                 receiver: Receiver::start(self.core.root(), &format!("{}-{n}", self.tag))?,
@@ -303,7 +310,16 @@ impl Job<'_> {
     /// the committed layers, newest first.
     fn roll_back(&mut self) {
         match self.current.take() {
-            Some(Current::Tree { key, tree, .. }) => {
+            Some(Current::Tree {
+                key,
+                tree,
+                unpacker,
+                ..
+            }) => {
+                // The unpacker holds directories of the tree open: closed
+                // first, or a mounted tree (ZFS) stays busy and neither
+                // unmounts nor can be destroyed.
+                drop(unpacker);
                 drop(tree);
                 self.remove(&key);
             }

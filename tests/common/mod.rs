@@ -262,8 +262,11 @@ pub struct Inventory {
     pub records: Vec<(String, cowsnap::meta::Record)>,
     /// Records whose filesystem object is missing.
     pub dangling: Vec<String>,
-    /// Subvolumes of the filesystem that no record owns (nested
-    /// subvolumes inside a recorded object belong to it).
+    /// Objects no record owns: subvolumes of the filesystem (btrfs), or
+    /// datasets, snapshots and bookmarks under the fixture's scratch
+    /// dataset (ZFS) that are not the daemon's parent and area datasets or
+    /// a committed object's origin snapshot. Nested subvolumes or datasets
+    /// inside a recorded object belong to it.
     pub leaked: Vec<String>,
     /// Records whose object is in the wrong area or has the wrong
     /// read-only flag.
@@ -295,7 +298,6 @@ impl Daemon {
         let records = meta.all().expect("records");
         drop(meta);
         let objects = backend.scan().expect("scan");
-        // ZFS: the scan is the whole story (nothing nests in datasets).
         let subvols = if self.zfs.is_some() {
             Vec::new()
         } else {
@@ -344,6 +346,13 @@ impl Daemon {
             if !owned && !scanned {
                 inv.leaked.push(format!("subvolume {s}"));
             }
+        }
+        if let Some(z) = &self.zfs {
+            let found: BTreeSet<String> = objects
+                .iter()
+                .map(|o| format!("{}/{}", o.area, o.id))
+                .collect();
+            inv.leaked.extend(unexpected_datasets(z.dataset(), &found));
         }
         inv.records = records;
         inv
@@ -523,11 +532,37 @@ pub fn backend_is_zfs() -> bool {
     std::env::var("COWSNAP_TEST_BACKEND").is_ok_and(|b| b == "zfs")
 }
 
+/// `n` scaled by `COWSNAP_TEST_SCALE` (percent, default 100), at least
+/// `min`: for loop counts whose size is not the point of a test.
+/// hack/vm-test lowers it for ZFS under emulation, where every object
+/// operation is a `zfs` command of a few tenths of a second.
+pub fn scaled(n: usize, min: usize) -> usize {
+    let percent = std::env::var("COWSNAP_TEST_SCALE")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .unwrap_or(100);
+    (n * percent / 100).max(min)
+}
+
+/// The backend the tests run against, as the daemon names it in its status
+/// (`btrfs` or `zfs`).
+pub fn backend_name() -> &'static str {
+    if backend_is_zfs() { "zfs" } else { "btrfs" }
+}
+
+/// Says that a test (or part of one) is skipped, and why: straight to
+/// stderr, which the test harness does not capture, so it shows in the
+/// output of passing runs too.
+pub fn say_skipped(why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "skipped {why}");
+}
+
 /// For tests of btrfs-only behaviour: true (and says so) on ZFS, where the
 /// caller returns early.
 pub fn skip_on_zfs(what: &str) -> bool {
     if backend_is_zfs() {
-        eprintln!("skipped on zfs: {what}");
+        say_skipped(&format!("on zfs: {what}"));
     }
     backend_is_zfs()
 }
@@ -626,10 +661,7 @@ impl Daemon {
         area: &str,
     ) {
         let source = &mounts[0].source;
-        let prefix = match self.zfs_dataset() {
-            Some(ds) => format!("{ds}/{area}/"),
-            None => format!("{}/", self.root.join(area).display()),
-        };
+        let prefix = self.area_prefix(area);
         let name = source
             .strip_prefix(&prefix)
             .unwrap_or_else(|| panic!("{source} is not in {prefix}"));
@@ -637,6 +669,85 @@ impl Daemon {
             !name.is_empty() && name.bytes().all(|b| b.is_ascii_digit()),
             "{source}"
         );
+    }
+
+    /// Where the objects of `area` are: its directory (btrfs) or dataset
+    /// (ZFS), followed by a slash.
+    pub fn area_prefix(&self, area: &str) -> String {
+        match self.zfs_dataset() {
+            Some(ds) => format!("{ds}/{area}/"),
+            None => format!("{}/", self.root.join(area).display()),
+        }
+    }
+
+    /// Destroys the object `area/id` behind cowsnap's back, as an operator
+    /// or another tool could (`btrfs subvolume delete`, `zfs destroy -r`),
+    /// after dropping the mounts [`mount_dir`] made of it. With
+    /// `with_clones` (ZFS only, where a committed dataset cannot go while
+    /// clones of its snapshot exist) its clones go too (`zfs destroy -R`).
+    pub fn destroy_object(&self, area: &str, id: u64, with_clones: bool) {
+        let st = match self.zfs_dataset() {
+            Some(ds) => {
+                let dataset = format!("{ds}/{area}/{id}");
+                if with_clones {
+                    // Its clones may be mounted too: every mount of the
+                    // daemon's datasets goes.
+                    forget_zfs_mounts(&ds);
+                } else {
+                    forget_zfs_mounts_of(&dataset);
+                }
+                let flag = if with_clones { "-R" } else { "-r" };
+                Command::new("zfs")
+                    .args(["destroy", flag, &dataset])
+                    .status()
+            }
+            None => Command::new("btrfs")
+                .args(["-q", "subvolume", "delete"])
+                .arg(self.root.join(area).join(id.to_string()))
+                .status(),
+        };
+        assert!(st.expect("run").success(), "destroying {area}/{id}");
+    }
+
+    /// The files of object `area/id`, for reading with the daemon stopped
+    /// (or not using it): its directory (btrfs), or a read-only mount of
+    /// its dataset (ZFS) held by the returned guard.
+    pub fn object_files(&self, area: &str, id: u64) -> ObjectFiles {
+        match self.zfs_dataset() {
+            Some(ds) => {
+                let mount = ZfsMount::new(&format!("{ds}/{area}/{id}"), true)
+                    .unwrap_or_else(|e| panic!("mount {area}/{id}: {e}"));
+                ObjectFiles {
+                    dir: mount.path().to_owned(),
+                    _mount: Some(mount),
+                }
+            }
+            None => ObjectFiles {
+                dir: self.root.join(area).join(id.to_string()),
+                _mount: None,
+            },
+        }
+    }
+
+    /// Drops every mount [`mount_dir`] made of this daemon's objects (ZFS;
+    /// nothing to do on btrfs), e.g. after a kill left calls that would
+    /// have released them unanswered.
+    pub fn release_all_mounts(&self) {
+        if let Some(z) = &self.zfs {
+            forget_zfs_mounts(z.dataset());
+        }
+    }
+
+    /// Makes the daemon hand out ids from `next` on (restarting it): an
+    /// object with id `next - 1` made behind its back raises its id
+    /// counter at startup, where repair then destroys it as an orphan.
+    /// Far cheaper than creating `next` snapshots, on ZFS above all.
+    /// Clients made before must be made again.
+    pub async fn skip_ids_to(&mut self, next: u64) {
+        assert!(self.stop(), "clean stop:\n{}", self.log_text());
+        self.create_foreign_object("active", next - 1);
+        self.spawn().await;
+        assert!(!self.object_exists("active", next - 1), "orphan destroyed");
     }
 
     /// Makes usage figures current: ZFS updates `written` when a
@@ -649,6 +760,69 @@ impl Daemon {
             assert!(st.expect("zpool sync").success());
         }
     }
+}
+
+/// The files of an object, from [`Daemon::object_files`].
+pub struct ObjectFiles {
+    dir: PathBuf,
+    _mount: Option<ZfsMount>,
+}
+
+impl ObjectFiles {
+    /// The object's root directory.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+}
+
+/// Under the scratch dataset `scratch` (ZFS), everything the daemon should
+/// not have: datasets, snapshots and bookmarks other than its parent
+/// `scratch/cowsnap`, the area datasets, the objects in `found`
+/// (`area/id`) with whatever nests in them, and committed objects' origin
+/// snapshots.
+fn unexpected_datasets(scratch: &str, found: &BTreeSet<String>) -> Vec<String> {
+    let out = Command::new("zfs")
+        .args(["list", "-H", "-p", "-o", "name", "-t", "all", "-r", scratch])
+        .output()
+        .expect("zfs list");
+    assert!(
+        out.status.success(),
+        "zfs list -r {scratch}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let parent = format!("{scratch}/cowsnap");
+    let below = format!("{parent}/");
+    let expected = |name: &str| {
+        if name == scratch || name == parent {
+            return true;
+        }
+        let Some(rest) = name.strip_prefix(&below) else {
+            return false;
+        };
+        if ["active", "view", "committed"].contains(&rest) {
+            return true;
+        }
+        // A snapshot (@) or bookmark (#) of a dataset.
+        let (dataset, tag) = match rest.find(['@', '#']) {
+            Some(i) => (&rest[..i], Some(&rest[i..])),
+            None => (rest, None),
+        };
+        let mut parts = dataset.splitn(3, '/');
+        let (Some(area), Some(id)) = (parts.next(), parts.next()) else {
+            return false;
+        };
+        let nested = parts.next().is_some();
+        found.contains(&format!("{area}/{id}"))
+            && match tag {
+                None => true,
+                Some(tag) => !nested && area == "committed" && tag == "@cowsnap",
+            }
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|name| !expected(name))
+        .map(|name| format!("dataset {name}"))
+        .collect()
 }
 
 /// ZFS mounts made by [`mount_dir`]: (dataset, mount).
@@ -681,6 +855,20 @@ pub async fn release_mounts(c: &mut SnapshotsClient<Channel>, key: &str) {
     let released: Vec<(String, ZfsMount)> = {
         let mut held = zfs_mounts();
         let (gone, kept) = held.drain(..).partition(|(src, _)| sources.contains(src));
+        *held = kept;
+        gone
+    };
+    drop(released);
+}
+
+/// Unmounts what [`mount_dir`] mounted of `dataset` itself or below it.
+fn forget_zfs_mounts_of(dataset: &str) {
+    let below = format!("{dataset}/");
+    let released: Vec<(String, ZfsMount)> = {
+        let mut held = zfs_mounts();
+        let (gone, kept) = held
+            .drain(..)
+            .partition(|(src, _)| src == dataset || src.starts_with(&below));
         *held = kept;
         gone
     };

@@ -516,6 +516,10 @@ impl Backend for BtrfsBackend {
         self.path_of(kind, obj.id).display().to_string()
     }
 
+    fn btrfs_send(&self) -> bool {
+        true
+    }
+
     fn adopt(
         &self,
         id: SnapshotId,

@@ -598,6 +598,18 @@ impl Backend for ZfsBackend {
         })
     }
 
+    fn exists(&self, obj: &ObjectRef, kind: Kind) -> Result<bool> {
+        let dataset = self.dataset(kind, obj.id);
+        match self
+            .tool
+            .run(&["list", "-H", "-o", "name", "-t", "filesystem", &dataset])
+        {
+            Ok(_) => Ok(true),
+            Err(e) if e.is_missing() => Ok(false),
+            Err(e) => Err(e.into_error()),
+        }
+    }
+
     fn location(&self, obj: &ObjectRef, kind: Kind) -> String {
         self.dataset(kind, obj.id)
     }
@@ -760,9 +772,12 @@ mod tests {
         };
         b.destroy(SnapshotId(42), 0).unwrap();
         let a = b.create(SnapshotId(42), Kind::Active, None).unwrap();
+        assert!(b.exists(&a, Kind::Active).unwrap());
+        assert!(!b.exists(&a, Kind::View).unwrap());
         b.destroy(SnapshotId(42), a.native).unwrap();
         b.destroy(SnapshotId(42), a.native).unwrap();
         assert!(!exists(&b.dataset(Kind::Active, SnapshotId(42))));
+        assert!(!b.exists(&a, Kind::Active).unwrap());
     }
 
     #[test]
