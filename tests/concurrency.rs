@@ -560,7 +560,7 @@ async fn acknowledged_concurrent_mutations_survive_a_sigkill() {
             }
         }));
     }
-    tokio::time::timeout(DEADLOCK, async {
+    tokio::time::timeout(deadlock(), async {
         for t in tasks {
             t.await.unwrap();
         }
