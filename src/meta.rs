@@ -341,7 +341,8 @@ impl MetaStore {
         let flushed = flushed.map_err(FlushFailure::into_error)?;
         if flushed != generation {
             return Err(Error::Unavailable(format!(
-                "metadata {} was reopened after an I/O error before this {what} was made durable; it may be lost",
+                "metadata {} was reopened after an I/O error before this {what} was made durable; \
+                 it may be lost",
                 self.path.display()
             )));
         }
