@@ -388,8 +388,17 @@ async fn list_consumers_that_stat_and_mutate_do_not_deadlock() {
     base(&mut c).await;
     // More than three List batches (100 each); at least two when scaled.
     let views = scaled(320, 100);
-    for i in 0..views {
-        view(&mut c, &format!("v{i:03}"), "base").await.unwrap();
+    // Made by four clients at once: on ZFS each takes a zfs clone.
+    let mut makers = Vec::new();
+    for (m, mut mc) in clients(&d, 4).await.into_iter().enumerate() {
+        makers.push(tokio::spawn(async move {
+            for i in (m..views).step_by(4) {
+                view(&mut mc, &format!("v{i:03}"), "base").await.unwrap();
+            }
+        }));
+    }
+    for m in makers {
+        m.await.unwrap();
     }
     let tally = Arc::new(Tally::default());
     let mut tasks = Vec::new();

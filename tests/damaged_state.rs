@@ -1,10 +1,11 @@
 //! Damaged state: a corrupted, truncated, emptied or missing metadata
 //! database, a missing root, a root on the wrong filesystem, subvolumes
 //! deleted behind cowsnap's back (datasets destroyed, on ZFS), quota
-//! accounting switched off or inconsistent (btrfs). Each is detected and reported (at startup or when the
-//! snapshot is used), and never "fixed" by destroying snapshot data: a
-//! daemon that cannot trust its metadata refuses to start and leaves the
-//! metadata file and every subvolume as they were.
+//! accounting switched off or inconsistent (btrfs). Each is detected and
+//! reported (at startup or when the snapshot is used), and never "fixed"
+//! by destroying snapshot data: a daemon that cannot trust its metadata
+//! refuses to start and leaves the metadata file and every subvolume (or
+//! dataset) as they were.
 //! Run as root (the fixtures make loop devices and a tmpfs mount).
 
 mod common;

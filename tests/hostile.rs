@@ -1,9 +1,9 @@
 //! Hostile and malformed input over the real socket: a table of cases, each
 //! with the gRPC code it must get (or, below gRPC, what the connection must
 //! do). Afterwards the daemon must still be running, must not have
-//! panicked, must not have created anything outside its root (on ZFS: no
-//! dataset but its snapshots' under its parent dataset), and must serve
-//! normally; metadata and filesystem must agree.
+//! panicked, must not have created anything outside its root (on ZFS:
+//! nothing under its parent dataset but its snapshots' datasets), and must
+//! serve normally; metadata and filesystem must agree.
 //!
 //! Non-UTF-8 strings cannot be built with the generated (string-typed)
 //! messages, so those cases hand-encode the protobuf and send it with a

@@ -694,7 +694,7 @@ impl Daemon {
                     // daemon's datasets goes.
                     forget_zfs_mounts(&ds);
                 } else {
-                    forget_zfs_mounts_of(&dataset);
+                    forget_zfs_mounts(&dataset);
                 }
                 let flag = if with_clones { "-R" } else { "-r" };
                 Command::new("zfs")
@@ -861,26 +861,15 @@ pub async fn release_mounts(c: &mut SnapshotsClient<Channel>, key: &str) {
     drop(released);
 }
 
-/// Unmounts what [`mount_dir`] mounted of `dataset` itself or below it.
-fn forget_zfs_mounts_of(dataset: &str) {
+/// Unmounts every mount [`mount_dir`] made of `dataset` or of datasets
+/// below it.
+fn forget_zfs_mounts(dataset: &str) {
     let below = format!("{dataset}/");
     let released: Vec<(String, ZfsMount)> = {
         let mut held = zfs_mounts();
         let (gone, kept) = held
             .drain(..)
             .partition(|(src, _)| src == dataset || src.starts_with(&below));
-        *held = kept;
-        gone
-    };
-    drop(released);
-}
-
-/// Unmounts every mount [`mount_dir`] made of datasets below `dataset`.
-fn forget_zfs_mounts(dataset: &str) {
-    let below = format!("{dataset}/");
-    let released: Vec<(String, ZfsMount)> = {
-        let mut held = zfs_mounts();
-        let (gone, kept) = held.drain(..).partition(|(src, _)| src.starts_with(&below));
         *held = kept;
         gone
     };
