@@ -442,25 +442,42 @@ fn say(line: &str) {
 }
 
 /// What `load` does.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, clap::Args)]
 pub struct LoadOptions {
-    /// This boot's number (names of its layers).
+    /// This boot's number: names the layers it writes.
+    #[arg(long)]
     pub run: u32,
     /// Concurrent layer writers (one chain each).
+    #[arg(long, default_value_t = 3)]
     pub writers: u32,
     /// Concurrent "containers": active snapshots written without end.
+    #[arg(long, default_value_t = 1)]
     pub containers: u32,
-    /// Files per layer.
+    /// Small and medium files per layer.
+    #[arg(long, default_value_t = 2000)]
     pub files: u32,
-    /// Large files per layer, and their size.
+    /// Large files per layer.
+    #[arg(long, default_value_t = 1)]
     pub large: u32,
+    /// Size of each large file, MiB.
+    #[arg(long, default_value_t = 8)]
     pub large_mib: u32,
-    /// Mount points go here.
+    /// Directory for mount points.
+    #[arg(long, default_value = "/tmp/cowsnap-powercut")]
     pub work_dir: PathBuf,
-    /// Stop after this long (None: until killed, the power cut).
+    /// Stop after this many seconds instead of running until killed (the
+    /// power cut).
+    #[arg(long = "duration-s", value_parser = parse_seconds)]
     pub duration: Option<Duration>,
     /// When the load started (the ACK lines say how long after).
+    #[arg(skip = Instant::now())]
     pub started: Instant,
+}
+
+fn parse_seconds(s: &str) -> Result<Duration, String> {
+    s.parse::<u64>()
+        .map(Duration::from_secs)
+        .map_err(|e| format!("{s:?} is not a number of seconds: {e}"))
 }
 
 /// Unpacks layers until killed (or `duration`), announcing every
@@ -678,20 +695,37 @@ impl CheckReport {
 }
 
 /// What `check` does.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, clap::Args)]
 pub struct CheckOptions {
-    /// Names acknowledged so far.
+    /// Names acknowledged so far (the file named on the command line: one
+    /// name per line).
+    #[arg(long = "acked", value_name = "FILE", value_parser = read_acked)]
     pub acked: BTreeSet<String>,
     /// Compare byte for byte every committed layer of this run or later
     /// (older ones are only checked to exist).
+    #[arg(long, default_value_t = 0)]
     pub full_from_run: u32,
-    /// Remove layers of runs before this one after checking them.
+    /// Afterwards, remove the layers of runs before this one.
+    #[arg(long, default_value_t = 0)]
     pub prune_before_run: u32,
     /// Layers of runs before this one were removed by an earlier check:
     /// their acknowledgements are not looked for.
+    #[arg(long, default_value_t = 0)]
     pub pruned_before_run: u32,
-    /// Mount points go here.
+    /// Directory for mount points.
+    #[arg(long, default_value = "/tmp/cowsnap-powercut")]
     pub work_dir: PathBuf,
+}
+
+/// The acknowledgements file: one name per line, blank lines ignored.
+fn read_acked(path: &str) -> Result<BTreeSet<String>, String> {
+    let text = fs::read_to_string(path).map_err(|e| format!("reading {path}: {e}"))?;
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect())
 }
 
 /// Checks every committed layer the snapshotter lists against the

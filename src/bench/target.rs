@@ -23,15 +23,32 @@ const GC_ROOT_LABEL: &str = "containerd.io/gc.root";
 
 /// Where to send requests: a socket, the `snapshotter` field of every
 /// request (containerd picks the snapshotter by it; cowsnap ignores it) and
-/// containerd's namespace (cowsnap ignores it too).
-#[derive(Clone, Debug)]
+/// containerd's namespace (cowsnap ignores it too). Also the command-line
+/// arguments of the bench and power-cut tools that name a target.
+#[derive(Clone, Debug, clap::Args)]
 pub struct Target {
-    /// The unix socket.
+    /// The snapshots socket (cowsnap's, or containerd's).
+    #[arg(long)]
     pub socket: PathBuf,
-    /// The snapshotter name.
+    /// Snapshotter name sent in every request (containerd picks the
+    /// snapshotter by it; cowsnap ignores it).
+    #[arg(long, default_value = "cowsnap")]
     pub snapshotter: String,
-    /// containerd's namespace, sent as the `containerd-namespace` header.
+    /// containerd namespace (the `containerd-namespace` header); needed
+    /// for containerd's socket, ignored by cowsnap's.
+    #[arg(long)]
     pub namespace: Option<String>,
+}
+
+impl Target {
+    /// The target's name in results when none is given: the snapshotter
+    /// name, prefixed with `ctrd/` when requests go through containerd.
+    pub fn default_label(&self) -> String {
+        match &self.namespace {
+            Some(_) => format!("ctrd/{}", self.snapshotter),
+            None => self.snapshotter.clone(),
+        }
+    }
 }
 
 /// Adds the namespace header to every request.

@@ -124,17 +124,8 @@ enum Command {
 
 #[derive(Args)]
 struct TargetArgs {
-    /// The snapshots socket (cowsnap's, or containerd's).
-    #[arg(long)]
-    socket: PathBuf,
-    /// Snapshotter name sent in every request (containerd picks the
-    /// snapshotter by it; cowsnap ignores it).
-    #[arg(long, default_value = "cowsnap")]
-    snapshotter: String,
-    /// containerd namespace (the `containerd-namespace` header); needed
-    /// for containerd's socket, ignored by cowsnap's.
-    #[arg(long)]
-    namespace: Option<String>,
+    #[command(flatten)]
+    target: Target,
     /// Name of this target in the results [default: the snapshotter name,
     /// prefixed with `ctrd/` when a namespace is given].
     #[arg(long)]
@@ -143,18 +134,8 @@ struct TargetArgs {
 
 impl TargetArgs {
     fn split(self) -> (Target, String) {
-        let label = self.label.unwrap_or_else(|| match &self.namespace {
-            Some(_) => format!("ctrd/{}", self.snapshotter),
-            None => self.snapshotter.clone(),
-        });
-        (
-            Target {
-                socket: self.socket,
-                snapshotter: self.snapshotter,
-                namespace: self.namespace,
-            },
-            label,
-        )
+        let label = self.label.unwrap_or_else(|| self.target.default_label());
+        (self.target, label)
     }
 }
 
