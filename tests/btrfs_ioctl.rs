@@ -580,19 +580,35 @@ fn full_qgroups_count_a_writable_snapshots_own_writes_as_exclusive() {
     }
 }
 
-/// Retries `op` while it fails with EBUSY (the cleaner has not dropped the deleted
-/// subvolume yet), committing in between.
-fn retry_busy(fs: &File, mut op: impl FnMut() -> nix::Result<()>) -> nix::Result<Duration> {
+/// Commits and wakes btrfs's cleaner until `done` holds or a minute has
+/// passed (a loaded machine's cleaner can take seconds); returns how long
+/// it took.
+fn wake_cleaner_until(fs: &File, mut done: impl FnMut() -> bool) -> Duration {
     let start = Instant::now();
-    loop {
-        match op() {
-            Err(Errno::EBUSY) if start.elapsed() < Duration::from_secs(60) => {
-                ioctl::sync_and_wake_cleaner(fd(fs))?;
-                thread::sleep(Duration::from_millis(50));
-            }
-            other => return other.map(|()| start.elapsed()),
-        }
+    while !done() && start.elapsed() < Duration::from_secs(60) {
+        ioctl::sync_and_wake_cleaner(fd(fs)).unwrap();
+        thread::sleep(Duration::from_millis(20));
     }
+    start.elapsed()
+}
+
+/// Retries `op` while it fails with EBUSY (the cleaner has not dropped the
+/// deleted subvolume yet).
+fn retry_busy(fs: &File, mut op: impl FnMut() -> nix::Result<()>) -> nix::Result<Duration> {
+    let mut result = Ok(());
+    let waited = wake_cleaner_until(fs, || {
+        result = op();
+        result != Err(Errno::EBUSY)
+    });
+    result.map(|()| waited)
+}
+
+/// Waits until btrfs's cleaner has dropped deleted subvolume `id`.
+fn wait_until_dropped(fs: &File, id: SubvolId) -> Duration {
+    let present = || ioctl::subvolume_present(fd(fs), id).unwrap();
+    let waited = wake_cleaner_until(fs, || !present());
+    assert!(!present(), "{id} never dropped");
+    waited
 }
 
 #[test]
@@ -638,33 +654,13 @@ fn qgroup_destroy_removes_stale_qgroup_in_simple_mode() {
     // b's own qgroup goes when the cleaner drops b, which a loaded machine
     // may not have done yet.
     wait_until_dropped(&root, b_id);
-    let start = Instant::now();
-    while ioctl::qgroup_ids(fd(&root)).unwrap() != vec![5]
-        && start.elapsed() < Duration::from_secs(60)
-    {
-        ioctl::sync_and_wake_cleaner(fd(&root)).unwrap();
-        thread::sleep(Duration::from_millis(50));
-    }
+    wake_cleaner_until(&root, || ioctl::qgroup_ids(fd(&root)).unwrap() == vec![5]);
     assert_eq!(ioctl::qgroup_ids(fd(&root)).unwrap(), vec![5]);
     assert_eq!(ioctl::qgroup_info(fd(&root), a_id).unwrap(), None);
     assert_eq!(
         ioctl::qgroup_destroy(fd(&root), a_id.0).unwrap_err(),
         Errno::ENOENT
     );
-}
-
-/// Waits until btrfs's cleaner has dropped deleted subvolume `id`, waking it meanwhile.
-fn wait_until_dropped(fs: &File, id: SubvolId) -> Duration {
-    let start = Instant::now();
-    while ioctl::subvolume_present(fd(fs), id).unwrap() {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "{id} never dropped"
-        );
-        ioctl::sync_and_wake_cleaner(fd(fs)).unwrap();
-        thread::sleep(Duration::from_millis(20));
-    }
-    start.elapsed()
 }
 
 #[test]

@@ -25,65 +25,16 @@ use cowsnap::proto::containerd::services::snapshots::v1::snapshots_client::Snaps
 use hyper_util::rt::TokioIo;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, FileFailurePersistence, TestRunner};
-use prost::bytes::{Buf, BufMut};
 use tokio::net::UnixStream;
 use tonic::Code;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
-use tonic::codegen::http;
 use tonic::transport::{Channel, Endpoint};
 
-const SERVICE: &str = "/containerd.services.snapshots.v1.Snapshots";
 const METHODS: &[&str] = &[
     "Prepare", "View", "Mounts", "Commit", "Remove", "Stat", "Update", "Usage", "Cleanup",
 ];
 
-/// Sends pre-encoded protobuf bytes; returns the reply's bytes.
-#[derive(Clone, Copy, Default)]
-struct RawCodec;
-struct RawEncoder;
-struct RawDecoder;
-
-impl Encoder for RawEncoder {
-    type Item = Vec<u8>;
-    type Error = tonic::Status;
-    fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
-        dst.put_slice(&item);
-        Ok(())
-    }
-}
-
-impl Decoder for RawDecoder {
-    type Item = Vec<u8>;
-    type Error = tonic::Status;
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
-        let mut v = vec![0; src.remaining()];
-        src.copy_to_slice(&mut v);
-        Ok(Some(v))
-    }
-}
-
-impl Codec for RawCodec {
-    type Encode = Vec<u8>;
-    type Decode = Vec<u8>;
-    type Encoder = RawEncoder;
-    type Decoder = RawDecoder;
-    fn encoder(&mut self) -> RawEncoder {
-        RawEncoder
-    }
-    fn decoder(&mut self) -> RawDecoder {
-        RawDecoder
-    }
-}
-
 async fn raw_call(ch: &Channel, method: &str, body: Vec<u8>) -> Result<(), tonic::Status> {
-    let mut g = tonic::client::Grpc::new(ch.clone());
-    g.ready()
-        .await
-        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-    let path = http::uri::PathAndQuery::try_from(format!("{SERVICE}/{method}")).unwrap();
-    g.unary(tonic::Request::new(body), path, RawCodec)
-        .await
-        .map(drop)
+    raw::unary(ch, method, body).await.map(drop)
 }
 
 /// One call of a generated sequence.

@@ -24,58 +24,16 @@ use common::*;
 use cowsnap::proto::containerd::services::snapshots::v1 as pb;
 use cowsnap::proto::containerd::services::snapshots::v1::snapshots_client::SnapshotsClient;
 use hyper_util::rt::TokioIo;
-use prost::bytes::{Buf, BufMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tonic::Code;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::http;
 use tonic::transport::{Channel, Endpoint};
 use tower::ServiceExt;
 
-const SERVICE: &str = "/containerd.services.snapshots.v1.Snapshots";
-
 // ---------------------------------------------------------------------
 // Raw protobuf and gRPC plumbing
 // ---------------------------------------------------------------------
-
-/// Sends already-encoded protobuf bytes and returns the reply's bytes.
-#[derive(Clone, Copy, Default)]
-struct RawCodec;
-struct RawEncoder;
-struct RawDecoder;
-
-impl Encoder for RawEncoder {
-    type Item = Vec<u8>;
-    type Error = tonic::Status;
-    fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
-        dst.put_slice(&item);
-        Ok(())
-    }
-}
-
-impl Decoder for RawDecoder {
-    type Item = Vec<u8>;
-    type Error = tonic::Status;
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
-        let mut v = vec![0; src.remaining()];
-        src.copy_to_slice(&mut v);
-        Ok(Some(v))
-    }
-}
-
-impl Codec for RawCodec {
-    type Encode = Vec<u8>;
-    type Decode = Vec<u8>;
-    type Encoder = RawEncoder;
-    type Decoder = RawDecoder;
-    fn encoder(&mut self) -> RawEncoder {
-        RawEncoder
-    }
-    fn decoder(&mut self) -> RawDecoder {
-        RawDecoder
-    }
-}
 
 /// A protobuf length-delimited field (string, bytes, message).
 fn field(tag: u32, bytes: &[u8]) -> Vec<u8> {
@@ -155,21 +113,16 @@ struct Ctx {
 impl Ctx {
     /// A unary call with hand-encoded request bytes.
     async fn raw_unary(&self, method: &str, body: Vec<u8>) -> Got {
-        let mut g = tonic::client::Grpc::new(self.ch.clone());
-        if let Err(e) = g.ready().await {
-            panic!("channel not ready: {e}");
-        }
-        let path = http::uri::PathAndQuery::try_from(format!("{SERVICE}/{method}")).unwrap();
-        code_of(g.unary(tonic::Request::new(body), path, RawCodec).await)
+        code_of(raw::unary(&self.ch, method, body).await)
     }
 
     /// A List call with hand-encoded request bytes.
     async fn raw_list(&self, body: Vec<u8>) -> Got {
         let mut g = tonic::client::Grpc::new(self.ch.clone());
         g.ready().await.expect("ready");
-        let path = http::uri::PathAndQuery::try_from(format!("{SERVICE}/List")).unwrap();
+        let path = raw::method_path("List");
         match g
-            .server_streaming(tonic::Request::new(body), path, RawCodec)
+            .server_streaming(tonic::Request::new(body), path, raw::RawCodec)
             .await
         {
             Err(e) => Got::Grpc(e.code()),
@@ -786,7 +739,7 @@ fn table() -> Vec<Case> {
         }),
         // gRPC framing, on a valid HTTP/2 connection.
         case("unknown method", Unimplemented, |x| async move {
-            x.raw_body(&format!("{SERVICE}/Explode"), &[], &grpc_frame(0, 0, ""))
+            x.raw_body(&raw::path("Explode"), &[], &grpc_frame(0, 0, ""))
                 .await
         }),
         case("unknown service", Unimplemented, |x| async move {
@@ -794,18 +747,18 @@ fn table() -> Vec<Case> {
                 .await
         }),
         case("unary call with no message", Internal, |x| async move {
-            x.raw_body(&format!("{SERVICE}/Stat"), &[], "").await
+            x.raw_body(&raw::path("Stat"), &[], "").await
         }),
         case(
             "message shorter than its length prefix",
             Internal,
             |x| async move {
                 let body = grpc_frame(0, 100, &stat_payload("abc"));
-                x.raw_body(&format!("{SERVICE}/Stat"), &[], &body).await
+                x.raw_body(&raw::path("Stat"), &[], &body).await
             },
         ),
         case("truncated length prefix", Internal, |x| async move {
-            x.raw_body(&format!("{SERVICE}/Stat"), &[], "\0\0\0").await
+            x.raw_body(&raw::path("Stat"), &[], "\0\0\0").await
         }),
         case(
             "compressed flag without grpc-encoding",
@@ -813,7 +766,7 @@ fn table() -> Vec<Case> {
             |x| async move {
                 let p = stat_payload("abc");
                 let body = grpc_frame(1, p.len() as u32, &p);
-                x.raw_body(&format!("{SERVICE}/Stat"), &[], &body).await
+                x.raw_body(&raw::path("Stat"), &[], &body).await
             },
         ),
         case(
@@ -822,27 +775,23 @@ fn table() -> Vec<Case> {
             |x| async move {
                 let p = stat_payload("abc");
                 let body = grpc_frame(1, p.len() as u32, &p);
-                x.raw_body(
-                    &format!("{SERVICE}/Stat"),
-                    &[("grpc-encoding", "gzip")],
-                    &body,
-                )
-                .await
+                x.raw_body(&raw::path("Stat"), &[("grpc-encoding", "gzip")], &body)
+                    .await
             },
         ),
         case("invalid compression flag 2", Internal, |x| async move {
             let p = stat_payload("abc");
             let body = grpc_frame(2, p.len() as u32, &p);
-            x.raw_body(&format!("{SERVICE}/Stat"), &[], &body).await
+            x.raw_body(&raw::path("Stat"), &[], &body).await
         }),
         case("declared length of 2 GiB", OutOfRange, |x| async move {
             let body = grpc_frame(0, 0x7f7f_7f7f, &stat_payload("abc"));
-            x.raw_body(&format!("{SERVICE}/Stat"), &[], &body).await
+            x.raw_body(&raw::path("Stat"), &[], &body).await
         }),
         case("two messages in a unary call", NotFound, |x| async move {
             let p = stat_payload("abc");
             let one = grpc_frame(0, p.len() as u32, &p);
-            x.raw_body(&format!("{SERVICE}/Stat"), &[], &format!("{one}{one}"))
+            x.raw_body(&raw::path("Stat"), &[], &format!("{one}{one}"))
                 .await
         }),
         case(
@@ -850,7 +799,7 @@ fn table() -> Vec<Case> {
             Internal,
             |x| async move {
                 let body = grpc_frame(0, 4, "\u{7}\u{7}\u{7}\u{7}");
-                x.raw_body(&format!("{SERVICE}/Stat"), &[], &body).await
+                x.raw_body(&raw::path("Stat"), &[], &body).await
             },
         ),
         case(
@@ -858,7 +807,7 @@ fn table() -> Vec<Case> {
             Internal,
             |x| async move {
                 let body = grpc_frame(0, 2, "\u{12}\u{7f}");
-                x.raw_body(&format!("{SERVICE}/Stat"), &[], &body).await
+                x.raw_body(&raw::path("Stat"), &[], &body).await
             },
         ),
         case(
@@ -867,7 +816,7 @@ fn table() -> Vec<Case> {
             |x| async move {
                 let p = format!("{}\u{7a}\u{3}xyz", stat_payload("abc"));
                 let body = grpc_frame(0, p.len() as u32, &p);
-                x.raw_body(&format!("{SERVICE}/Stat"), &[], &body).await
+                x.raw_body(&raw::path("Stat"), &[], &body).await
             },
         ),
         // Broken HTTP/2, byte by byte on the socket.

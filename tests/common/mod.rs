@@ -6,6 +6,8 @@
 //! loop btrfs then holds only its root (metadata), socket and log.
 #![allow(dead_code)]
 
+pub mod raw;
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
