@@ -58,7 +58,8 @@ const KEY_SCHEMA_VERSION: &str = "schema_version";
 const KEY_NEXT_ID: &str = "next_id";
 
 /// The backend's handle on a snapshot's filesystem object, stored with the
-/// record. Only the backend interprets `native` and `inode_base`.
+/// record. Only the backend interprets `native`, `inode_base` and
+/// `tree_base`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ObjectRef {
     /// The snapshot id, which names the object on disk.
@@ -69,6 +70,12 @@ pub struct ObjectRef {
     /// usage can be reported "excluding the parent" (btrfs).
     #[serde(default)]
     pub inode_base: u64,
+    /// Size of the object's own metadata tree when it was created (btrfs:
+    /// the root item's `bytes_used`), so Usage can leave out what the tree
+    /// grew by and count file data. None in records written before it
+    /// existed: their Usage counts metadata too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tree_base: Option<u64>,
 }
 
 /// One snapshot's metadata.
@@ -858,6 +865,7 @@ mod tests {
                 id: SnapshotId(id),
                 native: 256 + id,
                 inode_base: 0,
+                tree_base: None,
             },
             usage: None,
             limit: None,

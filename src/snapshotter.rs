@@ -600,6 +600,7 @@ impl Snapshotter {
                 id: f.id,
                 native: f.native,
                 inode_base: 0,
+                tree_base: None,
             };
             let bytes = self.backend.space(&held).map(|s| s.exclusive).unwrap_or(0);
             match self.backend.destroy(f.id, f.native) {

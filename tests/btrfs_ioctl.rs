@@ -853,3 +853,28 @@ fn loop_fixture_cleans_up_even_while_busy_and_on_panic() {
     let (mount, image) = paths.downcast_ref::<(PathBuf, PathBuf)>().unwrap().clone();
     assert!(!mounted(&mount) && !mount.exists() && !image.exists());
 }
+
+#[test]
+fn subvolume_tree_bytes_track_the_tree_and_start_at_the_source() {
+    let fx = fixture();
+    let root = open(fx.path());
+    let a = subvol(fx.path(), "a");
+    let a_id = id_of(&a);
+    ioctl::sync_fs(fd(&root)).unwrap();
+    let empty = ioctl::subvolume_tree_bytes(fd(&root), a_id).unwrap();
+    assert_eq!(empty, 16 * 1024, "one leaf of the default node size");
+    for i in 0..2000 {
+        fs::write(a.join(format!("f{i}")), [i as u8; 4096]).unwrap();
+    }
+    ioctl::sync_fs(fd(&root)).unwrap();
+    let full = ioctl::subvolume_tree_bytes(fd(&root), a_id).unwrap();
+    // Inode, directory and extent items of 2000 files: ~500 bytes each.
+    assert!(full > empty + 2000 * 300, "{full}");
+    ioctl::snapshot(fd(&open(&a)), fd(&root), OsStr::new("b"), true).unwrap();
+    let b_id = id_of(&fx.path().join("b"));
+    assert_eq!(ioctl::subvolume_tree_bytes(fd(&root), b_id).unwrap(), full);
+    assert_eq!(
+        ioctl::subvolume_tree_bytes(fd(&root), SubvolId(b_id.0 + 100)).unwrap_err(),
+        Errno::ENOENT
+    );
+}

@@ -310,6 +310,55 @@ async fn usage_comes_from_quota_accounting() {
 }
 
 #[tokio::test]
+async fn usage_counts_file_data_not_filesystem_metadata() {
+    // btrfs charges a snapshot's new tree blocks to its quota group too
+    // (~13 % on top of 4 KiB files); Usage leaves them out.
+    if skip_on_zfs("ZFS's written counts dnodes and indirect blocks; docs/zfs.md") {
+        return;
+    }
+    let d = Daemon::start().await;
+    let mut c = d.client().await;
+    let dir = mount_dir(&prepare(&mut c, "a", "").await.unwrap());
+    const FILES: usize = 3000;
+    const SIZE: usize = 4096;
+    for i in 0..FILES {
+        write_pattern(&dir.join(format!("f{i}")), SIZE, i as u8);
+    }
+    commit(&mut c, "base", "a").await.unwrap();
+    let written = (FILES * SIZE) as i64;
+    let u = usage(&mut c, "base").await.unwrap();
+    assert!(
+        u.size >= written && u.size <= written + written / 100,
+        "committed usage {} for {written} bytes written",
+        u.size
+    );
+
+    // A child that only deletes its parent's files holds no data: the
+    // blocks it copied on write, and nothing of the tree it shrank.
+    let child = mount_dir(&prepare(&mut c, "child", "base").await.unwrap());
+    for i in 0..FILES / 2 {
+        std::fs::remove_file(child.join(format!("f{i}"))).unwrap();
+    }
+    d.sync_usage();
+    let u = usage(&mut c, "child").await.unwrap();
+    assert!(u.size < 1 << 20, "usage of a child that only deleted {u:?}");
+
+    // Writing as many files again counts their data, never less; the tree
+    // shrank by the deleted entries, so up to that much of the new files'
+    // metadata stays in (at most the quota figure, ~13 % over).
+    for i in 0..FILES {
+        write_pattern(&child.join(format!("g{i}")), SIZE, i as u8);
+    }
+    d.sync_usage();
+    let u = usage(&mut c, "child").await.unwrap();
+    assert!(
+        u.size >= written && u.size <= written + written * 15 / 100,
+        "child usage {} for {written} bytes written",
+        u.size
+    );
+}
+
+#[tokio::test]
 async fn concurrent_prepares_of_one_key_have_exactly_one_winner() {
     let d = Daemon::start().await;
     let mut tasks = Vec::new();

@@ -152,8 +152,28 @@ impl BtrfsBackend {
         })
     }
 
+    /// Bytes of subvolume `native`'s metadata tree (see
+    /// [`ioctl::subvolume_tree_bytes`]).
+    fn tree_bytes(&self, native: u64) -> Result<u64> {
+        ioctl::subvolume_tree_bytes(self.root_fd.as_fd(), SubvolId(native))
+            .context(|| format!("reading the root item of subvolume {native}"))
+    }
+
+    /// Usage is the quota figure less what the object's own metadata tree
+    /// grew by since it was created: the file data it holds (docs/design.md,
+    /// "Usage"). Every block the tree grew by is charged to the object, so
+    /// the result never drops below its data; blocks it only copied on
+    /// write stay in (a few per changed directory); a tree that shrank
+    /// subtracts nothing.
     fn measure(&self, obj: &ObjectRef, fd: BorrowedFd<'_>) -> Result<Usage> {
-        let size = self.qgroup_usage(obj.native)?;
+        let charged = self.qgroup_usage(obj.native)?;
+        let size = match obj.tree_base {
+            Some(base) => {
+                let grown = self.tree_bytes(obj.native)?.saturating_sub(base);
+                charged - grown.min(charged)
+            }
+            None => charged,
+        };
         let highest =
             ioctl::highest_inode(fd).context(|| format!("reading inodes of object {}", obj.id))?;
         Ok(Usage {
@@ -233,10 +253,19 @@ impl Backend for BtrfsBackend {
                 .context(|| format!("reading inodes of {}", path.display()))?,
             None => SUBVOL_ROOT_INODE,
         };
+        // A new subvolume's root item is not in the root tree until the
+        // transaction commits; a snapshot's is (the ioctl commits), and
+        // starts with its source's tree size, which a committed (read-only)
+        // source no longer changes.
+        let tree_base = match parent {
+            Some(p) => self.tree_bytes(p.native)?,
+            None => 0,
+        };
         Ok(ObjectRef {
             id,
             native: native.0,
             inode_base,
+            tree_base: Some(tree_base),
         })
     }
 
@@ -559,10 +588,15 @@ impl Backend for BtrfsBackend {
             }
             None => SUBVOL_ROOT_INODE,
         };
+        let tree_base = match parent {
+            Some(p) => self.tree_bytes(p.native)?,
+            None => 0,
+        };
         let obj = ObjectRef {
             id,
             native: native.0,
             inode_base,
+            tree_base: Some(tree_base),
         };
         let usage = self.measure(&obj, fd.as_fd())?;
         Ok((obj, usage))

@@ -380,6 +380,7 @@ impl Backend for ZfsBackend {
                     id,
                     native,
                     inode_base,
+                    tree_base: None,
                 });
         if described.is_err()
             && let Err(e) = self.tool.run(&["destroy", &dataset])
