@@ -878,3 +878,21 @@ fn subvolume_tree_bytes_track_the_tree_and_start_at_the_source() {
         Errno::ENOENT
     );
 }
+
+#[test]
+fn metadata_file_is_created_nocow_on_btrfs() {
+    let fx = fixture();
+    let path = fx.path().join("metadata.redb");
+    drop(cowsnap::meta::MetaStore::open(&path).unwrap());
+    let out = std::process::Command::new("lsattr")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let attrs = String::from_utf8_lossy(&out.stdout);
+    let flags = attrs.split_whitespace().next().unwrap_or_default();
+    assert!(flags.contains('C'), "lsattr: {attrs}");
+    // Reopening finds its records (it is not created again).
+    let m = cowsnap::meta::MetaStore::open(&path).unwrap();
+    drop(m);
+    assert!(fs::metadata(&path).unwrap().len() > 0);
+}

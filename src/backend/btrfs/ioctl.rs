@@ -288,6 +288,11 @@ mod raw {
     nix::ioctl_none!(quota_rescan_wait, BTRFS_IOCTL_MAGIC, 46);
     nix::ioctl_write_ptr!(snap_destroy_v2, BTRFS_IOCTL_MAGIC, 63, VolArgsV2);
     nix::ioctl_read!(get_subvol_info, BTRFS_IOCTL_MAGIC, 60, GetSubvolInfoArgs);
+    // FS_IOC_GETFLAGS / FS_IOC_SETFLAGS are declared with `long` in the
+    // uapi header (hence the 8-byte size in the request number), but every
+    // filesystem reads and writes an int.
+    nix::ioctl_read_bad!(fs_getflags, 0x8008_6601, libc::c_int);
+    nix::ioctl_write_ptr_bad!(fs_setflags, 0x4008_6602, libc::c_int);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -530,6 +535,27 @@ pub fn set_readonly(fd: BorrowedFd, readonly: bool) -> nix::Result<()> {
     // SAFETY: the request is _IOW(0x94, 26, __u64): the kernel reads one u64 from the
     // live `new`.
     unsafe { raw::subvol_setflags(fd.as_raw_fd(), &new) }?;
+    Ok(())
+}
+
+/// `FS_NOCOW_FL`: writes go in place, without copy-on-write or checksums.
+const FS_NOCOW_FL: libc::c_int = 0x0080_0000;
+
+/// Marks an empty file NOCOW (chattr +C): btrfs then overwrites its blocks
+/// in place, so an fdatasync writes the changed blocks and flushes, with no
+/// new extents to log. The flag only takes on a file with no data yet.
+/// Errors as the kernel gives them: ENOTTY/EOPNOTSUPP on filesystems
+/// without the flag.
+pub fn set_nocow(file: BorrowedFd) -> nix::Result<()> {
+    let mut flags: libc::c_int = 0;
+    // SAFETY: FS_IOC_GETFLAGS writes one int to the live `flags`.
+    unsafe { raw::fs_getflags(file.as_raw_fd(), &mut flags) }?;
+    if flags & FS_NOCOW_FL != 0 {
+        return Ok(());
+    }
+    let flags = flags | FS_NOCOW_FL;
+    // SAFETY: FS_IOC_SETFLAGS reads one int from the live `flags`.
+    unsafe { raw::fs_setflags(file.as_raw_fd(), &flags) }?;
     Ok(())
 }
 
