@@ -884,13 +884,11 @@ fn metadata_file_is_created_nocow_on_btrfs() {
     let fx = fixture();
     let path = fx.path().join("metadata.redb");
     drop(cowsnap::meta::MetaStore::open(&path).unwrap());
-    let out = std::process::Command::new("lsattr")
-        .arg(&path)
-        .output()
-        .unwrap();
-    let attrs = String::from_utf8_lossy(&out.stdout);
-    let flags = attrs.split_whitespace().next().unwrap_or_default();
-    assert!(flags.contains('C'), "lsattr: {attrs}");
+    assert!(ioctl::is_nocow(File::open(&path).unwrap().as_fd()).unwrap());
+    // A file created the ordinary way is copy-on-write.
+    let other = fx.path().join("other");
+    fs::write(&other, b"x").unwrap();
+    assert!(!ioctl::is_nocow(File::open(&other).unwrap().as_fd()).unwrap());
     // Reopening finds its records (it is not created again).
     let m = cowsnap::meta::MetaStore::open(&path).unwrap();
     drop(m);

@@ -196,7 +196,7 @@ async fn contested_commit_name_has_exactly_one_winner() {
     base(&mut c).await;
     let tally = Arc::new(Tally::default());
     let cs = clients(&d, 8).await;
-    let rounds = scaled(6, 2);
+    let rounds = scaled(6, 1);
     for round in 0..rounds {
         let name = format!("layer-{round}");
         for i in 0..cs.len() {

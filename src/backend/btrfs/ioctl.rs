@@ -547,9 +547,7 @@ const FS_NOCOW_FL: libc::c_int = 0x0080_0000;
 /// Errors as the kernel gives them: ENOTTY/EOPNOTSUPP on filesystems
 /// without the flag.
 pub fn set_nocow(file: BorrowedFd) -> nix::Result<()> {
-    let mut flags: libc::c_int = 0;
-    // SAFETY: FS_IOC_GETFLAGS writes one int to the live `flags`.
-    unsafe { raw::fs_getflags(file.as_raw_fd(), &mut flags) }?;
+    let flags = file_flags(file)?;
     if flags & FS_NOCOW_FL != 0 {
         return Ok(());
     }
@@ -557,6 +555,19 @@ pub fn set_nocow(file: BorrowedFd) -> nix::Result<()> {
     // SAFETY: FS_IOC_SETFLAGS reads one int from the live `flags`.
     unsafe { raw::fs_setflags(file.as_raw_fd(), &flags) }?;
     Ok(())
+}
+
+/// Whether a file is NOCOW ([`set_nocow`]).
+pub fn is_nocow(file: BorrowedFd) -> nix::Result<bool> {
+    Ok(file_flags(file)? & FS_NOCOW_FL != 0)
+}
+
+/// The file's inode flags (FS_IOC_GETFLAGS, what `lsattr` shows).
+fn file_flags(file: BorrowedFd) -> nix::Result<libc::c_int> {
+    let mut flags: libc::c_int = 0;
+    // SAFETY: FS_IOC_GETFLAGS writes one int to the live `flags`.
+    unsafe { raw::fs_getflags(file.as_raw_fd(), &mut flags) }?;
+    Ok(flags)
 }
 
 /// Identity of a subvolume as send/receive sees it ([`subvolume_info`]).
