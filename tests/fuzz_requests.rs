@@ -10,7 +10,8 @@
 //! The corpus `tests/corpus/requests.jsonl` pins raw request messages and
 //! their codes; failing generated cases are saved in
 //! `tests/corpus/fuzz_requests.regressions` (commit that file) and replayed
-//! first. `PROPTEST_CASES` sets the number of cases (default 64).
+//! first. `PROPTEST_CASES` sets the number of cases (default 64, scaled by
+//! `COWSNAP_TEST_SCALE`).
 //! Run as root (the fixture makes a loop device).
 
 mod common;
@@ -174,12 +175,12 @@ fn to_map(l: &[(String, String)]) -> std::collections::HashMap<String, String> {
 async fn run_op(
     c: &mut SnapshotsClient<Channel>,
     ch: &Channel,
-    root: &Path,
+    inside: &str,
     op: &Op,
 ) -> Result<Code, String> {
     let check_mounts = |m: &[cowsnap::proto::containerd::types::Mount]| -> Result<(), String> {
         for m in m {
-            if !Path::new(&m.source).starts_with(root) {
+            if !m.source.starts_with(inside) {
                 return Err(format!("mount outside the root: {m:?}"));
             }
         }
@@ -340,12 +341,19 @@ fn random_call_sequences_get_documented_answers() {
     let mut d = rt.block_on(Daemon::start());
     let (c, ch) = rt.block_on(connect(&d));
     let root: PathBuf = d.root.clone();
+    // Every mount's source is below the root (btrfs: a subvolume's path) or
+    // the daemon's dataset (ZFS: a dataset's name).
+    let inside = match d.zfs_dataset() {
+        Some(dataset) => format!("{dataset}/"),
+        None => format!("{}/", root.display()),
+    };
     let fs_top = names(d.fs.path());
     let root_names = names(&d.root);
+    // Scaled where every call is a few zfs commands under emulation.
     let cases = std::env::var("PROPTEST_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(64);
+        .unwrap_or(scaled(64, 8) as u32);
     let mut runner = TestRunner::new(Config {
         cases,
         failure_persistence: Some(Box::new(FileFailurePersistence::Direct(
@@ -364,7 +372,7 @@ fn random_call_sequences_get_documented_answers() {
             prepare(&mut c, "base-x", "").await.unwrap();
             commit(&mut c, "base", "base-x").await.unwrap();
             for op in &ops {
-                let code = run_op(&mut c, &ch, &root, op)
+                let code = run_op(&mut c, &ch, &inside, op)
                     .await
                     .map_err(TestCaseError::fail)?;
                 let kind = format!("{op:?}");
