@@ -1,11 +1,12 @@
 //! The Prometheus endpoint: off by default, and when configured it reports
 //! calls, errors by code, snapshots and bytes by kind, quota state and
-//! startup repair actions.
+//! startup repair actions. Runs on either backend (COWSNAP_TEST_BACKEND).
+
+mod common;
 
 use std::io::{Read, Write};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
+use common::*;
 use cowsnap::backend::btrfs::testutil::LoopBtrfs;
 use cowsnap::proto::containerd::services::snapshots::v1 as pb;
 
@@ -31,34 +32,12 @@ fn free_port() -> u16 {
 
 #[tokio::test]
 async fn metrics_endpoint_reports_calls_state_and_errors() {
-    let fs = LoopBtrfs::new().unwrap();
-    let root = fs.path().join("root");
-    let socket = fs.path().join("s.sock");
     let addr = format!("127.0.0.1:{}", free_port());
-    let config = fs.path().join("config.toml");
-    std::fs::write(&config, format!("metrics_address = \"{addr}\"\n")).unwrap();
-    let log = fs.path().join("log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cowsnap"))
-        .args(["serve", "--root"])
-        .arg(&root)
-        .arg("--address")
-        .arg(&socket)
-        .arg("--config")
-        .arg(&config)
-        .stderr(std::fs::File::create(&log).unwrap())
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "{}",
-            std::fs::read_to_string(&log).unwrap()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let mut c = cowsnap::client::connect(&socket).await.unwrap();
+    let mut d = Daemon::on(LoopBtrfs::new().unwrap(), "");
+    d.extra_config = format!("metrics_address = \"{addr}\"");
+    d.use_backend_from_env();
+    d.spawn().await;
+    let mut c = d.client().await;
     c.prepare(pb::PrepareSnapshotRequest {
         key: "a".into(),
         ..Default::default()
@@ -89,8 +68,11 @@ async fn metrics_endpoint_reports_calls_state_and_errors() {
 
     let text = scrape(&addr, "/metrics");
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
-    // Full qgroups where the kernel has no simple quotas (before 6.7).
-    let mode = if std::path::Path::new("/sys/fs/btrfs/features/simple_quota").exists() {
+    // Full qgroups where the kernel has no simple quotas (before 6.7); ZFS
+    // accounts per dataset.
+    let mode = if backend_is_zfs() {
+        "cowsnap_quota_mode{mode=\"zfs\"} 1"
+    } else if std::path::Path::new("/sys/fs/btrfs/features/simple_quota").exists() {
         "cowsnap_quota_mode{mode=\"simple\"} 1"
     } else {
         "cowsnap_quota_mode{mode=\"full\"} 1"
@@ -109,10 +91,7 @@ async fn metrics_endpoint_reports_calls_state_and_errors() {
         assert!(text.contains(line), "missing {line:?} in:\n{text}");
     }
     assert!(scrape(&addr, "/other").starts_with("HTTP/1.1 404"));
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    assert!(child.wait().unwrap().success());
+    drop(c);
+    assert!(d.stop(), "SIGTERM: {}", d.log_text());
+    assert!(d.inventory().is_clean());
 }

@@ -36,6 +36,9 @@ pub struct Daemon {
     /// With `COWSNAP_TEST_BACKEND=zfs`: the dataset the daemon keeps its
     /// datasets under (the root then holds only the metadata).
     zfs: Option<ZfsScratch>,
+    /// Top-level settings added to the daemon's config file (e.g.
+    /// `metrics_address = "..."`), whichever the backend.
+    pub extra_config: String,
 }
 
 impl Daemon {
@@ -74,6 +77,7 @@ impl Daemon {
             child: None,
             failpoints: spec.to_owned(),
             zfs: None,
+            extra_config: String::new(),
         }
     }
 
@@ -582,31 +586,34 @@ pub fn base_options(writable: bool) -> Vec<String> {
 impl Daemon {
     /// Switches a fixture made by [`Daemon::on`] to the backend the
     /// environment asks for.
-    fn use_backend_from_env(&mut self) {
+    /// With `COWSNAP_TEST_BACKEND=zfs`: makes the daemon keep its datasets
+    /// under a scratch dataset of its own (before the first spawn).
+    pub fn use_backend_from_env(&mut self) {
         if !backend_is_zfs() {
             return;
         }
         let scratch = ZfsScratch::new().expect("zfs scratch dataset").expect(
             "COWSNAP_TEST_BACKEND=zfs needs ZFS: set COWSNAP_TEST_ZPOOL (hack/vm-test does)",
         );
-        let config = format!(
-            "backend = \"zfs\"\n[zfs]\ndataset = \"{}/cowsnap\"\n",
-            scratch.dataset()
-        );
-        std::fs::write(self.config_path_zfs(), config).expect("write zfs config");
         self.zfs = Some(scratch);
     }
 
-    fn config_path_zfs(&self) -> PathBuf {
-        self.fs.path().join("config-zfs.toml")
-    }
-
+    /// The config file the daemon is started with: `extra_config`, then the
+    /// backend's section (none for btrfs).
     fn config_path(&self) -> PathBuf {
-        if self.zfs.is_some() {
-            self.config_path_zfs()
-        } else {
-            PathBuf::from("/dev/null")
+        if self.zfs.is_none() && self.extra_config.is_empty() {
+            return PathBuf::from("/dev/null");
         }
+        let mut config = format!("{}\n", self.extra_config);
+        if let Some(scratch) = &self.zfs {
+            config.push_str(&format!(
+                "backend = \"zfs\"\n[zfs]\ndataset = \"{}/cowsnap\"\n",
+                scratch.dataset()
+            ));
+        }
+        let path = self.fs.path().join("config.toml");
+        std::fs::write(&path, config).expect("write the daemon's config");
+        path
     }
 
     /// The parent dataset of a ZFS daemon.
