@@ -253,10 +253,10 @@ impl Backend for BtrfsBackend {
                 .context(|| format!("reading inodes of {}", path.display()))?,
             None => SUBVOL_ROOT_INODE,
         };
-        // A new subvolume's root item is not in the root tree until the
-        // transaction commits; a snapshot's is (the ioctl commits), and
-        // starts with its source's tree size, which a committed (read-only)
-        // source no longer changes.
+        // The tree's size at creation: a snapshot starts with its source's
+        // (which a committed, read-only source no longer changes); a new
+        // empty subvolume from 0, its first leaf being its own metadata
+        // like every block it grows by.
         let tree_base = match parent {
             Some(p) => self.tree_bytes(p.native)?,
             None => 0,
