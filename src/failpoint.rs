@@ -7,7 +7,8 @@
 //! `COWSNAP_FAILPOINTS="commit.after_fs=crash,remove.after_meta=error"`:
 //! `crash` kills the process with SIGKILL on the spot (no destructor, no
 //! flush: what a crash leaves), `error` makes the step fail with an
-//! internal error.
+//! internal error, `pause` holds the call there for 2 seconds (for tests of
+//! what others see in the middle of a step).
 
 use crate::error::Result;
 
@@ -33,6 +34,7 @@ mod imp {
     enum Action {
         Crash,
         Error,
+        Pause,
     }
 
     fn armed() -> &'static HashMap<String, Action> {
@@ -45,6 +47,7 @@ mod imp {
                     let action = match action.trim() {
                         "crash" => Action::Crash,
                         "error" => Action::Error,
+                        "pause" => Action::Pause,
                         _ => return None,
                     };
                     Some((name.trim().to_owned(), action))
@@ -58,6 +61,11 @@ mod imp {
         match armed().get(name) {
             None => Ok(()),
             Some(Action::Error) => Err(Error::Internal(format!("failpoint {name}"))),
+            Some(Action::Pause) => {
+                tracing::warn!(failpoint = name, "failpoint: pausing 2 s");
+                std::thread::sleep(std::time::Duration::from_secs(2));
+                Ok(())
+            }
             Some(Action::Crash) => {
                 tracing::warn!(failpoint = name, "failpoint: killing the daemon");
                 let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);

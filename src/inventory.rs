@@ -258,15 +258,24 @@ impl Snapshotter {
         // Same ordering argument as Cleanup: filesystem, then the set of
         // objects being created or destroyed, then the records.
         let found = self.backend.scan()?;
-        let creating = self.busy_ids();
+        let mut busy = self.busy_ids();
         let records = self.meta.all()?;
+        // A Remove marks its id busy before it drops the record: an id whose
+        // record was gone when the records were read is busy now, or its
+        // object is destroyed (the rescan below).
+        busy.extend(self.busy_ids());
         let recorded: HashSet<SnapshotId> = records.iter().map(|(_, r)| r.id).collect();
         let by_id: HashMap<SnapshotId, FoundObject> = found.iter().map(|f| (f.id, *f)).collect();
+        let mut orphans: Vec<&FoundObject> = found
+            .iter()
+            .filter(|f| !recorded.contains(&f.id) && !busy.contains(&f.id))
+            .collect();
+        if !orphans.is_empty() {
+            let still: HashSet<SnapshotId> = self.backend.scan()?.iter().map(|f| f.id).collect();
+            orphans.retain(|f| still.contains(&f.id));
+        }
 
-        for f in &found {
-            if recorded.contains(&f.id) || creating.contains(&f.id) {
-                continue;
-            }
+        for f in orphans {
             let mut finding = Finding {
                 kind: "orphan_object",
                 id: f.id.0,

@@ -428,6 +428,9 @@ impl Snapshotter {
         if self.meta.has_children(record.id)? {
             return Err(remove_with_children(key));
         }
+        // From before the record goes until the object is destroyed or
+        // queued, the object is in flight, not an orphan (check, Cleanup).
+        let _in_flight = InFlight::mark(self, record.id);
         self.meta.remove(key, record.id)?;
         failpoint::hit("remove.after_meta")?;
         if let Some(queue) = &self.destroys {
@@ -698,8 +701,9 @@ impl Snapshotter {
         self.creating_set().remove(&id);
     }
 
-    /// Ids whose object has no record because it is being created, or
-    /// because it waits in the destroy queue: not orphans.
+    /// Ids whose object has no record because it is being created, being
+    /// destroyed by a Remove in flight, or waiting in the destroy queue: not
+    /// orphans.
     pub(crate) fn busy_ids(&self) -> HashSet<SnapshotId> {
         let mut ids = self.creating_set().clone();
         if let Some(queue) = &self.destroys {
@@ -792,4 +796,23 @@ fn refuse_new_metadata_over_objects(path: &Path, backend: &dyn Backend) -> Resul
 fn normalize_labels(mut labels: Labels) -> Labels {
     labels.retain(|_, v| !v.is_empty());
     labels
+}
+
+/// Marks an id busy (see [`Snapshotter::busy_ids`]) for as long as it lives.
+struct InFlight<'a> {
+    snapshotter: &'a Snapshotter,
+    id: SnapshotId,
+}
+
+impl<'a> InFlight<'a> {
+    fn mark(snapshotter: &'a Snapshotter, id: SnapshotId) -> Self {
+        snapshotter.creating_set().insert(id);
+        InFlight { snapshotter, id }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.snapshotter.creating_done(self.id);
+    }
 }

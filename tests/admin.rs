@@ -269,6 +269,32 @@ fn write_until_error(path: &std::path::Path, len: usize) -> Option<i32> {
 }
 
 #[tokio::test]
+async fn check_during_a_remove_reports_no_orphan() {
+    // The Remove pauses right after dropping the record: its object has no
+    // record and is not destroyed (or queued) yet, and is no orphan.
+    let d = Daemon::start_with_failpoints("remove.after_meta=pause").await;
+    let mut c = d.client().await;
+    let mut a = admin(&d).await;
+    prepare(&mut c, "going", "").await.unwrap();
+    let mut rc = d.client().await;
+    let removing = tokio::spawn(async move { remove(&mut rc, "going").await });
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(!removing.is_finished(), "the Remove did not pause");
+    let mid = a
+        .check(pb::CheckRequest { repair: false })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!removing.is_finished(), "the check ran after the Remove");
+    assert!(mid.consistent && mid.findings.is_empty(), "{mid:?}");
+    removing.await.unwrap().unwrap();
+    assert_eq!(
+        stat(&mut c, "going").await.unwrap_err().code(),
+        tonic::Code::NotFound
+    );
+}
+
+#[tokio::test]
 async fn check_reports_and_repairs() {
     let d = Daemon::start().await;
     let mut c = d.client().await;
