@@ -457,9 +457,9 @@ fn quota_enable_simple_reports_simple_mode() {
     );
 }
 
-#[test]
-fn qgroup_info_full_mode_matches_written_bytes_and_sysfs() {
-    let fx = fixture();
+/// Full qgroups on the fixture, and subvolume `a` holding a synced 10 MiB
+/// file: the root, `a`'s path and its id.
+fn full_quota_subvol_with_blob(fx: &LoopBtrfs) -> (File, PathBuf, SubvolId) {
     let root = open(fx.path());
     ioctl::quota_enable(fd(&root), QuotaMode::Full).unwrap();
     ioctl::quota_rescan_wait(fd(&root)).unwrap();
@@ -467,6 +467,13 @@ fn qgroup_info_full_mode_matches_written_bytes_and_sysfs() {
     let a_id = id_of(&a);
     write_bytes(&a.join("blob"), 10 * MIB).unwrap();
     ioctl::sync_fs(fd(&root)).unwrap();
+    (root, a, a_id)
+}
+
+#[test]
+fn qgroup_info_full_mode_matches_written_bytes_and_sysfs() {
+    let fx = fixture();
+    let (root, a, a_id) = full_quota_subvol_with_blob(&fx);
 
     let usage = ioctl::qgroup_info(fd(&root), a_id)
         .unwrap()
@@ -541,13 +548,7 @@ fn simple_quota_charges_snapshot_only_for_its_own_writes() {
 #[test]
 fn full_qgroups_count_a_writable_snapshots_own_writes_as_exclusive() {
     let fx = fixture();
-    let root = open(fx.path());
-    ioctl::quota_enable(fd(&root), QuotaMode::Full).unwrap();
-    ioctl::quota_rescan_wait(fd(&root)).unwrap();
-    let a = subvol(fx.path(), "a");
-    let a_id = id_of(&a);
-    write_bytes(&a.join("blob"), 10 * MIB).unwrap();
-    ioctl::sync_fs(fd(&root)).unwrap();
+    let (root, a, a_id) = full_quota_subvol_with_blob(&fx);
 
     ioctl::snapshot(fd(&open(&a)), fd(&root), OsStr::new("b"), false).unwrap();
     let b = fx.path().join("b");

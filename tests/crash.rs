@@ -73,16 +73,7 @@ async fn assert_base_and_work_intact(d: &Daemon) {
         "committed base intact"
     );
     remove(&mut c, "check-base").await.unwrap();
-    let w = mount_dir(
-        &c.mounts(pb::MountsRequest {
-            snapshotter: String::new(),
-            key: "work".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .mounts,
-    );
+    let w = mount_dir(&mounts(&mut c, "work").await.unwrap());
     assert!(
         has_pattern(&w.join("work"), 200_000, 2),
         "active work intact"
@@ -142,16 +133,7 @@ async fn crash_after_commit_fs_step_rolls_back_to_active() {
     );
     assert_base_and_work_intact(&d).await;
     // The rolled-back snapshot is writable and commits normally.
-    let w = mount_dir(
-        &c.mounts(pb::MountsRequest {
-            snapshotter: String::new(),
-            key: "work".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .mounts,
-    );
+    let w = mount_dir(&mounts(&mut c, "work").await.unwrap());
     std::fs::write(w.join("extra"), b"x").unwrap();
     commit(&mut c, "layer", "work").await.unwrap();
 }

@@ -63,16 +63,7 @@ async fn assert_seeded_intact(d: &Daemon) {
     let v = mount_dir(&view(&mut c, "check", "base").await.unwrap());
     assert!(has_pattern(&v.join("f"), BASE_LEN, 1), "base data");
     remove(&mut c, "check").await.unwrap();
-    let w = mount_dir(
-        &c.mounts(pb::MountsRequest {
-            snapshotter: String::new(),
-            key: "work".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .mounts,
-    );
+    let w = mount_dir(&mounts(&mut c, "work").await.unwrap());
     assert!(has_pattern(&w.join("w"), WORK_LEN, 2), "work data");
     assert_eq!(stat(&mut c, "v").await.unwrap().kind, pb::Kind::View as i32);
 }
@@ -382,16 +373,7 @@ async fn committed_subvolume_deleted_behind_the_back_is_reported_and_stays_remov
         }
     } else {
         // Its children made before the loss are whole snapshots of their own.
-        let w = mount_dir(
-            &c.mounts(pb::MountsRequest {
-                snapshotter: String::new(),
-                key: "work".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .mounts,
-        );
+        let w = mount_dir(&mounts(&mut c, "work").await.unwrap());
         assert!(has_pattern(&w.join("w"), WORK_LEN, 2));
         assert!(has_pattern(&w.join("f"), BASE_LEN, 1));
     }

@@ -402,6 +402,18 @@ pub async fn prepare(
     .map(|r| r.into_inner().mounts)
 }
 
+pub async fn mounts(
+    c: &mut SnapshotsClient<Channel>,
+    key: &str,
+) -> Result<Vec<cowsnap::proto::containerd::types::Mount>, tonic::Status> {
+    c.mounts(pb::MountsRequest {
+        snapshotter: String::new(),
+        key: key.into(),
+    })
+    .await
+    .map(|r| r.into_inner().mounts)
+}
+
 pub async fn view(
     c: &mut SnapshotsClient<Channel>,
     key: &str,
